@@ -1,0 +1,154 @@
+# duet: top-level build.
+#
+#   make              build libduet, the programs, tests and benchmarks (CPU; CUDA too when nvcc is found)
+#   make test         build and run every test suite (exits non-zero on any failure)
+#   make asan         the same tests built with AddressSanitizer + UBSan (in build/asan)
+#   make bench        run the benchmarks and print their tables (bench/RESULTS.md records them)
+#   make install      install programs and headers under $(DESTDIR)$(PREFIX)
+#   make clean        remove build/
+#
+# Knobs: CC, OPT, CFLAGS, CUDA=0|1 (default: 1 when nvcc is found), NVCC, CUDA_HOME,
+#        PREFIX, DESTDIR, BUILD (output folder), ASAN=1.
+
+PREFIX    ?= /usr/local
+DESTDIR   ?=
+BUILD     ?= build
+CC        ?= cc
+OPT       ?= -O2
+CFLAGS    ?= $(OPT) -g
+LDFLAGS   ?=
+CUDA_HOME ?= /usr/local/cuda
+NVCC      ?= $(shell command -v nvcc 2>/dev/null || { test -x $(CUDA_HOME)/bin/nvcc && echo $(CUDA_HOME)/bin/nvcc; })
+ifeq ($(origin CUDA),undefined)
+  CUDA := $(if $(NVCC),1,0)
+endif
+ASAN      ?= 0
+
+PKGS      := libpcre2-8 libzmq jansson inih libsystemd
+PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+
+DUET_CFLAGS := -std=c11 -Wall -Wextra -Werror -D_GNU_SOURCE -pthread -I. -MMD -MP $(PKG_CFLAGS)
+DUET_LIBS   := $(PKG_LIBS) -lm -pthread
+AVX2_FLAGS  := -mavx2 -mfma -mf16c
+
+ifeq ($(ASAN),1)
+  SAN := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+  DUET_CFLAGS += $(SAN)
+  LDFLAGS     += $(SAN)
+endif
+
+# ---- sources ---------------------------------------------------------------
+# Every .c under the module folders is library code, except NAME_main.c files,
+# which hold a program's main(). *_avx2.c files are compiled with AVX2/FMA and
+# only entered after a run-time CPU check.
+MODULE_DIRS := kv comm kernels worker daemon client
+LIB_SRC     := $(filter-out %_main.c,$(foreach d,$(MODULE_DIRS),$(wildcard $(d)/*.c)))
+LIB_OBJ     := $(LIB_SRC:%.c=$(BUILD)/%.o)
+LIB         := $(BUILD)/libduet.a
+
+# Test and benchmark support code (e.g. the random GGUF writer), shared by both.
+SUPPORT_SRC := $(wildcard tests/support/*.c)
+SUPPORT_OBJ := $(SUPPORT_SRC:%.c=$(BUILD)/%.o)
+
+TEST_SRC    := $(wildcard tests/test_*.c)
+TEST_BIN    := $(TEST_SRC:tests/%.c=$(BUILD)/tests/%)
+BENCH_SRC   := $(wildcard bench/bench_*.c)
+BENCH_BIN   := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
+# Developer tools used by tests, benchmarks and scripts (e.g. the random model writer).
+TOOL_SRC    := $(wildcard tests/tools/*.c)
+TOOL_BIN    := $(TOOL_SRC:tests/tools/%.c=$(BUILD)/tools/%)
+
+# Programs: name:main-file, built when the main file exists.
+PROG_DEFS   := duet:client/duet_main.c duetd:daemon/duetd_main.c duet-worker:worker/worker_main.c
+PROG_DEFS   := $(foreach p,$(PROG_DEFS),$(if $(wildcard $(word 2,$(subst :, ,$(p)))),$(p)))
+PROGS       := $(foreach p,$(PROG_DEFS),$(BUILD)/bin/$(word 1,$(subst :, ,$(p))))
+
+# CUDA: every kernels/*.cu goes into libduet_cuda.a.
+CU_SRC      := $(wildcard kernels/*.cu)
+ifeq ($(CUDA),1)
+  ifeq ($(NVCC),)
+    $(error CUDA=1 but no nvcc found; set NVCC or CUDA_HOME)
+  endif
+  CU_OBJ      := $(CU_SRC:%.cu=$(BUILD)/%.cu.o)
+  CUDA_LIB    := $(if $(CU_OBJ),$(BUILD)/libduet_cuda.a)
+  NVCC_FLAGS  ?= -O2 -g -std=c++17 -arch=sm_90 -Xcompiler -Wall,-Wextra,-Werror -I.
+  DUET_CFLAGS += -DDUET_CUDA=1 -I$(CUDA_HOME)/include
+  DUET_LIBS   += $(if $(CU_OBJ),-L$(CUDA_HOME)/lib64 -lcublas -lcudart -lnccl -lstdc++)
+endif
+
+LINK_LIBS := $(LIB) $(CUDA_LIB)
+
+# ---- rules -----------------------------------------------------------------
+.PHONY: all lib test asan bench install uninstall clean model golden setup check-deps
+.DEFAULT_GOAL := all
+
+all: check-deps $(LIB) $(CUDA_LIB) $(PROGS) $(TEST_BIN) $(BENCH_BIN) $(TOOL_BIN)
+lib: $(LIB)
+
+check-deps:
+	@pkg-config --exists $(PKGS) || { echo "missing libraries: run 'scripts/setup' first (needs: $(PKGS))" >&2; exit 1; }
+
+$(BUILD)/%.o: %.c
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) $(DUET_CFLAGS) $(if $(filter %_avx2.c,$<),$(AVX2_FLAGS)) -c $< -o $@
+
+$(BUILD)/%.cu.o: %.cu
+	@mkdir -p $(@D)
+	$(NVCC) $(NVCC_FLAGS) -c $< -o $@
+
+$(LIB): $(LIB_OBJ)
+	@mkdir -p $(@D)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/libduet_cuda.a: $(CU_OBJ)
+	@mkdir -p $(@D)
+	@rm -f $@
+	ar rcs $@ $^
+
+define prog_rule
+$(BUILD)/bin/$(1): $(BUILD)/$(2:.c=.o) $(LINK_LIBS)
+	@mkdir -p $$(@D)
+	$$(CC) $$(CFLAGS) $$(LDFLAGS) -o $$@ $$< $(LINK_LIBS) $$(DUET_LIBS)
+endef
+$(foreach p,$(PROG_DEFS),$(eval $(call prog_rule,$(word 1,$(subst :, ,$(p))),$(word 2,$(subst :, ,$(p))))))
+
+$(BUILD)/tests/%: $(BUILD)/tests/%.o $(SUPPORT_OBJ) $(LINK_LIBS)
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(SUPPORT_OBJ) $(LINK_LIBS) $(DUET_LIBS) -lcmocka
+
+$(BUILD)/bench/%: $(BUILD)/bench/%.o $(SUPPORT_OBJ) $(LINK_LIBS)
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(SUPPORT_OBJ) $(LINK_LIBS) $(DUET_LIBS)
+
+$(BUILD)/tools/%: $(BUILD)/tests/tools/%.o $(SUPPORT_OBJ) $(LINK_LIBS)
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(SUPPORT_OBJ) $(LINK_LIBS) $(DUET_LIBS)
+
+test: all
+	@BUILD=$(BUILD) scripts/run-tests $(TEST_BIN)
+
+asan:
+	$(MAKE) BUILD=$(BUILD)/asan ASAN=1 CUDA=0 OPT=-O1 test
+
+bench: all
+	@BUILD=$(BUILD) scripts/run-bench $(BENCH_BIN)
+
+setup:
+	scripts/setup
+
+install: all
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include/duet/kv
+	$(if $(PROGS),install -m 755 $(PROGS) $(DESTDIR)$(PREFIX)/bin/)
+	install -m 644 $(LIB) $(DESTDIR)$(PREFIX)/lib/
+	install -m 644 kv/*.h $(DESTDIR)$(PREFIX)/include/duet/kv/
+
+uninstall:
+	rm -f $(foreach p,$(PROGS),$(DESTDIR)$(PREFIX)/bin/$(notdir $(p))) $(DESTDIR)$(PREFIX)/lib/libduet.a
+	rm -rf $(DESTDIR)$(PREFIX)/include/duet
+
+clean:
+	rm -rf $(BUILD)
+
+-include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
