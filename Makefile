@@ -138,6 +138,16 @@ bench: all
 setup:
 	scripts/setup
 
+DEFAULT_MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
+model: $(DEFAULT_MODEL)
+$(DEFAULT_MODEL):
+	scripts/fetch-model
+
+# Re-record the reference outputs of the independent implementation (llama.cpp).
+golden: all $(DEFAULT_MODEL)
+	scripts/setup --bench
+	.venv/bin/python scripts/golden.py
+
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include/duet/kv
 	$(if $(PROGS),install -m 755 $(PROGS) $(DESTDIR)$(PREFIX)/bin/)
