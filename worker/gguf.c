@@ -301,12 +301,12 @@ static int parse(gguf_t *g, char *err, size_t errlen)
     size_t left = g->size - c.off;
     if (n_kv > left / 14) {
         set_err(err, errlen, "%s: offset 16: metadata count %llu is impossible for a file of %zu "
-                "bytes", g->path, (unsigned long long)n_kv, g->size);
+                "bytes (truncated or corrupt)", g->path, (unsigned long long)n_kv, g->size);
         return -1;
     }
     if (n_tensors > left / 33) {
         set_err(err, errlen, "%s: offset 8: tensor count %llu is impossible for a file of %zu "
-                "bytes", g->path, (unsigned long long)n_tensors, g->size);
+                "bytes (truncated or corrupt)", g->path, (unsigned long long)n_tensors, g->size);
         return -1;
     }
 

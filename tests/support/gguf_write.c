@@ -16,7 +16,7 @@ typedef struct {
 
 static void put(bytes_t *b, const void *src, size_t n)
 {
-    if (b->oom) return;
+    if (b->oom || n == 0) return;
     if (b->len + n > b->cap) {
         size_t cap = b->cap ? b->cap : 256;
         while (cap < b->len + n) cap *= 2;
@@ -229,7 +229,7 @@ int gguf_w_tensor(gguf_writer_t *w, const char *name, dtype_t t, int n_dims, con
         free(wt->data);
         return -1;
     }
-    memcpy(wt->data, data, wt->nbytes);
+    if (wt->nbytes) memcpy(wt->data, data, wt->nbytes);
     wt->type = t;
     wt->n_dims = n_dims;
     for (int d = 0; d < 4; d++) wt->ne[d] = d < n_dims ? ne[d] : 1;
