@@ -1,0 +1,136 @@
+/* kernels/ops.c: element-wise and row operations (portable, with AVX2 dispatch). */
+#include "kernels/ops.h"
+
+#include <math.h>
+
+#include "kernels/cpu.h"
+#include "kernels/ops_internal.h"
+
+static void rmsnorm_ref(float *y, const float *x, const float *w, int64_t n, float eps)
+{
+    double ss = 0.0;
+    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float scale = (float)(1.0 / sqrt(ss / (double)n + eps));
+    if (w)
+        for (int64_t i = 0; i < n; i++) y[i] = x[i] * scale * w[i];
+    else
+        for (int64_t i = 0; i < n; i++) y[i] = x[i] * scale;
+}
+
+void ops_rmsnorm(float *y, const float *x, const float *w, int64_t n, float eps)
+{
+    if (n <= 0) return;
+    if (cpu_use_avx2()) ops_avx2_rmsnorm(y, x, w, n, eps);
+    else rmsnorm_ref(y, x, w, n, eps);
+}
+
+void ops_swiglu(float *y, const float *gate, const float *up, int64_t n)
+{
+    if (cpu_use_avx2()) {
+        ops_avx2_swiglu(y, gate, up, n);
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        float g = gate[i];
+        y[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+void ops_softmax(float *x, int64_t n)
+{
+    if (n <= 0) return;
+    float mx = x[0];
+    for (int64_t i = 1; i < n; i++) mx = fmaxf(mx, x[i]);
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        x[i] = expf(x[i] - mx);
+        sum += x[i];
+    }
+    float inv = (float)(1.0 / sum);
+    for (int64_t i = 0; i < n; i++) x[i] *= inv;
+}
+
+void ops_add(float *y, const float *a, const float *b, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) y[i] = a[i] + b[i];
+}
+
+void ops_scale(float *y, const float *x, float s, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] * s;
+}
+
+void ops_rope_cache(float *cs, int pos, const ops_rope_params *p)
+{
+    int half = p->n_dims / 2;
+    for (int i = 0; i < half; i++) {
+        double inv_freq = pow((double)p->freq_base, -2.0 * i / (double)p->n_dims);
+        double theta = (double)pos * (double)p->freq_scale * inv_freq;
+        if (p->freq_factors) theta /= (double)p->freq_factors[i];
+        cs[2 * i] = (float)cos(theta);
+        cs[2 * i + 1] = (float)sin(theta);
+    }
+}
+
+void ops_rope_apply(float *x, int n_head, int head_dim, const float *cs, int n_dims,
+                    ops_rope_mode mode)
+{
+    int half = n_dims / 2;
+    for (int h = 0; h < n_head; h++) {
+        float *v = x + (int64_t)h * head_dim;
+        if (mode == OPS_ROPE_NEOX) {
+            for (int i = 0; i < half; i++) {
+                float c = cs[2 * i], s = cs[2 * i + 1], a = v[i], b = v[i + half];
+                v[i] = a * c - b * s;
+                v[i + half] = a * s + b * c;
+            }
+        } else {
+            for (int i = 0; i < half; i++) {
+                float c = cs[2 * i], s = cs[2 * i + 1], a = v[2 * i], b = v[2 * i + 1];
+                v[2 * i] = a * c - b * s;
+                v[2 * i + 1] = a * s + b * c;
+            }
+        }
+    }
+}
+
+void ops_rope(float *x, int n_head, int head_dim, int pos, const ops_rope_params *p)
+{
+    float cs[2 * 256];
+    int half = p->n_dims / 2;
+    for (int i0 = 0; i0 < half; i0 += 256) {
+        /* angles for pairs [i0, i0 + 256) at a time (head_dim up to any size) */
+        int cnt = half - i0 < 256 ? half - i0 : 256;
+        for (int i = 0; i < cnt; i++) {
+            double inv_freq = pow((double)p->freq_base, -2.0 * (i0 + i) / (double)p->n_dims);
+            double theta = (double)pos * (double)p->freq_scale * inv_freq;
+            if (p->freq_factors) theta /= (double)p->freq_factors[i0 + i];
+            cs[2 * i] = (float)cos(theta);
+            cs[2 * i + 1] = (float)sin(theta);
+        }
+        for (int h = 0; h < n_head; h++) {
+            float *v = x + (int64_t)h * head_dim;
+            for (int i = 0; i < cnt; i++) {
+                int ia = p->mode == OPS_ROPE_NEOX ? i0 + i : 2 * (i0 + i);
+                int ib = p->mode == OPS_ROPE_NEOX ? i0 + i + half : ia + 1;
+                float c = cs[2 * i], s = cs[2 * i + 1], a = v[ia], b = v[ib];
+                v[ia] = a * c - b * s;
+                v[ib] = a * s + b * c;
+            }
+        }
+    }
+}
+
+int ops_embed(float *y, dtype_t type, const void *table, int64_t n_vocab, int64_t n_embd,
+              const int32_t *ids, int n_tok)
+{
+    size_t rb = dtype_row_bytes(type, n_embd);
+    if (!rb) return -1;
+    for (int t = 0; t < n_tok; t++)
+        if (ids[t] < 0 || ids[t] >= n_vocab) return -1;
+    for (int t = 0; t < n_tok; t++)
+        if (dtype_to_f32(type, (const uint8_t *)table + (size_t)ids[t] * rb, y + (int64_t)t * n_embd,
+                         n_embd) < 0)
+            return -1;
+    return 0;
+}
