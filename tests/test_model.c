@@ -106,6 +106,177 @@ static void run_seq(model_ctx_t *ctx, const model_t *m, kv_cache_t *kv, const in
         assert_int_equal(kv_seq_free(kv, seq), KV_OK);
 }
 
+
+/* ---- an independent dense reference: f32 weights, contiguous K/V, plain loops ------- */
+
+static float *deq(const gguf_t *g, const char *name, int64_t *rows, int64_t *cols)
+{
+    const gguf_tensor_t *t = gguf_find_tensor(g, name);
+    if (!t) return NULL;
+    *cols = t->ne[0];
+    *rows = t->n_elems / t->ne[0];
+    float *out = malloc((size_t)t->n_elems * sizeof(float));
+    size_t rb = dtype_row_bytes(t->type, t->ne[0]);
+    for (int64_t r = 0; r < *rows; r++)
+        assert_int_equal(dtype_to_f32(t->type, (const uint8_t *)t->data + r * rb, out + r * *cols, *cols), 0);
+    return out;
+}
+
+static void ref_matvec(const float *W, int64_t rows, int64_t cols, const float *x, float *y)
+{
+    for (int64_t r = 0; r < rows; r++) {
+        double s = 0;
+        for (int64_t c = 0; c < cols; c++) s += (double)W[r * cols + c] * x[c];
+        y[r] = (float)s;
+    }
+}
+
+static void ref_rmsnorm(float *y, const float *x, const float *w, int n, float eps)
+{
+    double ss = 0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float k = (float)(1.0 / sqrt(ss / n + eps));
+    for (int i = 0; i < n; i++) y[i] = x[i] * k * w[i];
+}
+
+static void ref_rope(float *x, int n_head, int hd, int pos, float base, int neox)
+{
+    for (int h = 0; h < n_head; h++)
+        for (int i = 0; i < hd / 2; i++) {
+            double th = pos * pow(base, -2.0 * i / hd);
+            int a = neox ? i : 2 * i, b = neox ? i + hd / 2 : 2 * i + 1;
+            float x0 = x[h * hd + a], x1 = x[h * hd + b];
+            x[h * hd + a] = (float)(x0 * cos(th) - x1 * sin(th));
+            x[h * hd + b] = (float)(x0 * sin(th) + x1 * cos(th));
+        }
+}
+
+/* Logits at every position of tok[0..n), computed densely from the file alone. */
+static void ref_forward(const char *path, const int32_t *tok, int n, float *logits)
+{
+    gguf_t *g = NULL;
+    char err[256], name[64];
+    if (gguf_open(path, &g, err, sizeof err) != 0) fail_msg("%s", err);
+    const char *arch;
+    size_t alen;
+    assert_int_equal(gguf_get_str(g, "general.architecture", &arch, &alen), GGUF_OK);
+    int neox = alen == 5 && memcmp(arch, "qwen2", 5) == 0;
+    char key[96];
+    int64_t E, L, H, HK, F;
+    double eps, base;
+#define K(sfx) (snprintf(key, sizeof key, "%.*s." sfx, (int)alen, arch), key)
+    assert_int_equal(gguf_get_int(g, K("embedding_length"), &E), GGUF_OK);
+    assert_int_equal(gguf_get_int(g, K("block_count"), &L), GGUF_OK);
+    assert_int_equal(gguf_get_int(g, K("attention.head_count"), &H), GGUF_OK);
+    assert_int_equal(gguf_get_int(g, K("attention.head_count_kv"), &HK), GGUF_OK);
+    assert_int_equal(gguf_get_int(g, K("feed_forward_length"), &F), GGUF_OK);
+    assert_int_equal(gguf_get_float(g, K("attention.layer_norm_rms_epsilon"), &eps), GGUF_OK);
+    assert_int_equal(gguf_get_float(g, K("rope.freq_base"), &base), GGUF_OK);
+#undef K
+    const int hd = (int)(E / H), grp = (int)(H / HK);
+    int64_t r, c, V;
+    float *emb = deq(g, "token_embd.weight", &V, &c);
+    float *x = calloc((size_t)n * E, sizeof(float)), *xn = malloc(E * sizeof(float));
+    float *q = malloc(E * sizeof(float)), *att = malloc(E * sizeof(float)), *o = malloc(E * sizeof(float));
+    float *K = malloc((size_t)n * HK * hd * sizeof(float)), *Vv = malloc((size_t)n * HK * hd * sizeof(float));
+    float *gt = malloc(F * sizeof(float)), *up = malloc(F * sizeof(float)), *sc = malloc(n * sizeof(float));
+    for (int t = 0; t < n; t++) memcpy(x + t * E, emb + (size_t)tok[t] * E, E * sizeof(float));
+    for (int l = 0; l < L; l++) {
+#define W(s) (snprintf(name, sizeof name, "blk.%d." s, l), deq(g, name, &r, &c))
+        float *an = W("attn_norm.weight"), *fn = W("ffn_norm.weight");
+        float *wq = W("attn_q.weight"), *wk = W("attn_k.weight"), *wv = W("attn_v.weight");
+        float *wo = W("attn_output.weight"), *wg = W("ffn_gate.weight"), *wu = W("ffn_up.weight");
+        float *wd = W("ffn_down.weight");
+        float *bq = W("attn_q.bias"), *bk = W("attn_k.bias"), *bv = W("attn_v.bias");
+#undef W
+        for (int t = 0; t < n; t++) { /* causal: row t only needs rows <= t, done in order */
+            float *xt = x + (size_t)t * E;
+            ref_rmsnorm(xn, xt, an, (int)E, (float)eps);
+            ref_matvec(wq, E, E, xn, q);
+            ref_matvec(wk, HK * hd, E, xn, K + (size_t)t * HK * hd);
+            ref_matvec(wv, HK * hd, E, xn, Vv + (size_t)t * HK * hd);
+            if (bq)
+                for (int i = 0; i < E; i++) q[i] += bq[i];
+            if (bk)
+                for (int i = 0; i < HK * hd; i++) {
+                    K[(size_t)t * HK * hd + i] += bk[i];
+                    Vv[(size_t)t * HK * hd + i] += bv[i];
+                }
+            ref_rope(q, (int)H, hd, t, (float)base, neox);
+            ref_rope(K + (size_t)t * HK * hd, (int)HK, hd, t, (float)base, neox);
+            for (int h = 0; h < H; h++) {
+                int kh = h / grp;
+                double mx = -1e30, sum = 0;
+                for (int j = 0; j <= t; j++) {
+                    double d = 0;
+                    for (int i = 0; i < hd; i++) d += (double)q[h * hd + i] * K[((size_t)j * HK + kh) * hd + i];
+                    sc[j] = (float)(d / sqrt(hd));
+                    if (sc[j] > mx) mx = sc[j];
+                }
+                for (int j = 0; j <= t; j++) sum += exp(sc[j] - mx);
+                for (int i = 0; i < hd; i++) {
+                    double a = 0;
+                    for (int j = 0; j <= t; j++) a += exp(sc[j] - mx) / sum * Vv[((size_t)j * HK + kh) * hd + i];
+                    att[h * hd + i] = (float)a;
+                }
+            }
+            ref_matvec(wo, E, E, att, o);
+            for (int i = 0; i < E; i++) xt[i] += o[i];
+            ref_rmsnorm(xn, xt, fn, (int)E, (float)eps);
+            ref_matvec(wg, F, E, xn, gt);
+            ref_matvec(wu, F, E, xn, up);
+            for (int i = 0; i < F; i++) gt[i] = gt[i] / (1.0f + expf(-gt[i])) * up[i];
+            ref_matvec(wd, E, F, gt, o);
+            for (int i = 0; i < E; i++) xt[i] += o[i];
+        }
+        free(an); free(fn); free(wq); free(wk); free(wv); free(wo); free(wg); free(wu); free(wd);
+        free(bq); free(bk); free(bv);
+    }
+    float *on = deq(g, "output_norm.weight", &r, &c);
+    float *wout = deq(g, "output.weight", &r, &c);
+    for (int t = 0; t < n; t++) {
+        ref_rmsnorm(xn, x + (size_t)t * E, on, (int)E, (float)eps);
+        ref_matvec(wout ? wout : emb, V, E, xn, logits + (size_t)t * V);
+    }
+    free(on); free(wout); free(emb); free(x); free(xn); free(q); free(att); free(o); free(K); free(Vv);
+    free(gt); free(up); free(sc);
+    gguf_close(&g);
+}
+
+/* The paged, batched, threaded engine against the dense reference. F32 and F16 weights
+ * multiply f32 activations, so only summation order differs; quantized weights multiply
+ * 8-bit quantized activations (as llama.cpp does), which moves logits by about 1%. */
+static void test_matches_dense_reference(void **state)
+{
+    (void)state;
+    const struct { const char *arch; dtype_t t; int tied; double tol; } cases[] = {
+        {"llama", DTYPE_F32, 0, 1e-4}, {"llama", DTYPE_F16, 1, 1e-4}, {"qwen2", DTYPE_F32, 0, 1e-4},
+        {"llama", DTYPE_Q8_0, 0, 2e-2}, {"llama", DTYPE_Q4_K, 0, 3e-2},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        const char *path = model_path(cases[i].arch, cases[i].t, cases[i].tied, 4, 2);
+        model_t *m = load(path, 0, 1);
+        const int V = model_hparams_of(m)->n_vocab, N = 35;
+        int32_t tok[64];
+        prompt(tok, N, V, 21);
+        float *ref = malloc((size_t)N * V * sizeof(float)), *got = malloc((size_t)N * V * sizeof(float));
+        ref_forward(path, tok, N, ref);
+        model_ctx_t *ctx = NULL;
+        assert_int_equal(model_ctx_new(m, 64, 2, &ctx), 0);
+        kv_cache_t *kv = new_kv(m, DTYPE_F32);
+        run_seq(ctx, m, kv, tok, N, 7, got, NULL);
+        double e = rel_err(got, ref, (size_t)N * V);
+        if (e > cases[i].tol)
+            fail_msg("%s %s: engine vs dense reference rel err %g > %g", cases[i].arch,
+                     dtype_name(cases[i].t), e, cases[i].tol);
+        kv_destroy(&kv);
+        model_ctx_destroy(&ctx);
+        model_destroy(&m);
+        free(ref);
+        free(got);
+    }
+}
+
 static void check_decode_equals_recompute(dtype_t wt, dtype_t kvt, const char *arch)
 {
     const char *path = model_path(arch, wt, 0, 4, 2);
@@ -364,7 +535,7 @@ out:
 
 static void check_tp(int size, int n_head, int n_head_kv)
 {
-    const char *path = model_path("llama", DTYPE_Q8_0, 0, n_head, n_head_kv);
+    const char *path = model_path("llama", DTYPE_F16, 0, n_head, n_head_kv);
     model_t *m1 = load(path, 0, 1);
     const int V = model_hparams_of(m1)->n_vocab, N = 30;
     int32_t tok[64];
@@ -470,6 +641,7 @@ static int teardown(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_matches_dense_reference),
         cmocka_unit_test(test_decode_equals_recompute_all_types),
         cmocka_unit_test(test_kv_types_agree),
         cmocka_unit_test(test_prefix_hit_equals_miss),

@@ -80,6 +80,11 @@ static const gguf_tensor_t *need(model_t *m, const char *name, int64_t ne0, int6
 static const float *vec_f32(model_t *m, const gguf_tensor_t *t, int64_t off, int64_t n,
                             char *err, size_t errlen)
 {
+    if (off < 0 || n < 0 || off + n > t->ne[0]) {
+        set_err(err, errlen, "%s: tensor '%s' has no elements [%lld, %lld)", gguf_path(m->gguf),
+                t->name, (long long)off, (long long)(off + n));
+        return NULL;
+    }
     if (t->type == DTYPE_F32) return (const float *)t->data + off;
     if (dtype_block_elems(t->type) != 1) {
         set_err(err, errlen, "%s: tensor '%s' has type %s; a vector must be f32, f16 or bf16",
@@ -620,7 +625,7 @@ int model_forward(model_ctx_t *c, const model_t *m, kv_cache_t *kv, const model_
         }
         attn_kv_view view = {.dtype = kc->dtype, .n_kv_head = nkv, .head_dim = hd,
                              .block_tokens = kc->block_tokens,
-                             .k = kv_k_block(kv, il, 0, 0), .v = kv_v_block(kv, il, 0, 0)};
+                             .k = kv_k_layer(kv, il), .v = kv_v_layer(kv, il)};
         if (kc->dtype == DTYPE_I8) {
             view.k_scale = kv_k_scales(kv, il, 0);
             view.v_scale = kv_v_scales(kv, il, 0);
