@@ -57,6 +57,7 @@ struct kv_cache {
     int32_t *seq_free;      /* FIFO ring of free ids */
     int seq_free_head, seq_n_free;
     uint64_t prefix_hit, prefix_miss, evictions;
+    uint64_t hash_mask;     /* all ones, or narrower for collision tests */
 };
 
 const char *kv_strerror(kv_status s)
@@ -148,6 +149,7 @@ kv_status kv_new(const kv_config *cfg, kv_cache_t **out)
     kv->lru_head = kv->lru_tail = KV_NONE;
     for (int i = 0; i < ms; i++) kv->seq_free[i] = i;
     kv->seq_n_free = ms;
+    kv->hash_mask = ~0ull;
     *out = kv;
     return KV_OK;
 }
@@ -235,11 +237,13 @@ static inline uint64_t mix64(uint64_t z)
     return z ^ (z >> 31);
 }
 
-static uint64_t block_hash(uint64_t parent, const int32_t *tok, int n)
+/* Name of a block: its parent's name and its own token ids, mixed (splitmix64's finalizer
+ * per token). Collisions only cost a comparison: matches also check parent and tokens. */
+static uint64_t block_hash(const kv_cache_t *kv, uint64_t parent, const int32_t *tok, int n)
 {
     uint64_t h = mix64(parent ^ 0x9e3779b97f4a7c15ull);
     for (int i = 0; i < n; i++) h = mix64(h + (uint32_t)tok[i] + 0x9e3779b97f4a7c15ull);
-    return h;
+    return h & kv->hash_mask;
 }
 
 static int ht_find(const kv_cache_t *kv, uint64_t h, int parent, uint32_t parent_gen,
@@ -573,7 +577,7 @@ kv_status kv_seq_commit(kv_cache_t *kv, int seq, int n_valid)
         uint64_t ph = i ? s->chain_hash[i - 1] : KV_HASH_SEED;
         int pb = i ? s->chain_blk[i - 1] : KV_NONE;
         uint32_t pg = i ? s->chain_gen[i - 1] : 0;
-        uint64_t h = block_hash(ph, tok, bt);
+        uint64_t h = block_hash(kv, ph, tok, bt);
         int b = s->blocks[i], named;
         if (kv->blk[b].cached) {
             named = b; /* attached, forked or committed before: already this block's name */
@@ -608,7 +612,7 @@ static int prefix_walk(const kv_cache_t *kv, const int32_t *tokens, int n, int32
     int i = 0;
     for (; (i + 1) * kv->bt <= n; i++) {
         const int32_t *tok = tokens + (size_t)i * kv->bt;
-        h = block_hash(h, tok, kv->bt);
+        h = block_hash(kv, h, tok, kv->bt);
         int b = ht_find(kv, h, pb, pg, tok);
         if (b == KV_NONE) break;
         if (out) out[i] = b;
@@ -939,6 +943,11 @@ int kv_block_ref(const kv_cache_t *kv, int block)
 int kv_block_cached(const kv_cache_t *kv, int block)
 {
     return kv && block_ok(kv, block) ? kv->blk[block].cached : -1;
+}
+
+void kv_debug_hash_mask(kv_cache_t *kv, uint64_t mask)
+{
+    if (kv && kv->n_cached == 0) kv->hash_mask = mask;
 }
 
 static kv_status fail(char *msg, size_t cap, const char *fmt, ...)

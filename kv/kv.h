@@ -262,5 +262,8 @@ int kv_block_cached(const kv_cache_t *kv, int block);
  * reference counts) and check they agree. KV_OK, or KV_ERR_INVAL with a description in
  * msg[cap] (may be NULL). O(n_blocks + tokens held). */
 kv_status kv_check(const kv_cache_t *kv, char *msg, size_t cap);
+/* Testing: AND every block hash with mask (e.g. 0 or 3) so that hash collisions become
+ * common; lookups must stay exact. Call on an empty cache (nothing committed yet). */
+void kv_debug_hash_mask(kv_cache_t *kv, uint64_t mask);
 
 #endif
