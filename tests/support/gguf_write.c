@@ -634,7 +634,9 @@ int mkmodel_write(const mkmodel_opts *o, const char *path, char *err, size_t err
         goto fail;
     }
 
-    float emb_std = 0.5f;
+    /* tied: a small embedding, or the residual stream (dominated by the token's own
+     * embedding) makes every token predict itself */
+    float emb_std = o->tied ? 0.1f : 0.5f;
     float in_std = 1.0f / sqrtf((float)o->n_embd), ff_std = 0.5f / sqrtf((float)o->n_ff);
     float out_std = 0.5f / sqrtf((float)o->n_embd);
     char name[96];
