@@ -821,8 +821,8 @@ static void test_admission(void **state)
     assert_int_equal(kv_blocks_needed(kv, -1, 4), 1);
     assert_int_equal(kv_blocks_needed(kv, -1, 5), 2);
     int a = new_seq(kv), b;
-    int32_t t[8];
-    toks(t, 8, 0);
+    int32_t t[16];
+    toks(t, 16, 0);
     assert_int_equal(kv_seq_append(kv, a, t, 6), KV_OK);
     assert_int_equal(kv_blocks_needed(kv, a, 2), 0);
     assert_int_equal(kv_blocks_needed(kv, a, 3), 1);
