@@ -11,7 +11,6 @@
 #include <limits.h>
 #include <linux/futex.h>
 #include <pthread.h>
-#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -23,6 +22,8 @@
 /* Busy-wait iterations between checks of the clock (spin) or yields (join, barrier). */
 #define SPIN_CHECK 256
 #define DEFAULT_SPIN_US 200
+/* How long the caller spins for the join, and threads for a barrier, before sleeping. */
+#define WAIT_SPIN_US 50
 
 typedef struct {
     pool_t *pool;
@@ -42,10 +43,12 @@ struct pool {
     pool_fn fn;                              /* the current run's function and context */
     void *ctx;
 
-    _Alignas(CACHE_LINE) atomic_int done;    /* workers finished with the current run */
+    _Alignas(CACHE_LINE) atomic_uint done;   /* workers finished with the current run (futex word) */
+    atomic_int join_sleeping;                /* 1 while the caller sleeps on done */
     _Alignas(CACHE_LINE) atomic_int busy;    /* a run is in progress */
     _Alignas(CACHE_LINE) atomic_int bar_count;
-    _Alignas(CACHE_LINE) atomic_uint bar_phase;
+    _Alignas(CACHE_LINE) atomic_uint bar_phase; /* futex word */
+    atomic_int bar_sleeping;                  /* threads asleep in a barrier */
 };
 
 static inline void cpu_relax(void)
@@ -67,27 +70,34 @@ static int64_t now_us(void)
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-/* Wait until gen differs from seen; returns the new value. */
-static unsigned wait_gen(pool_t *p, unsigned seen)
+/* Spin until *word != old for up to spin_us, then sleep on the futex, announcing it in
+ * *sleeping (the waker checks it after changing the word). Returns the new value. */
+static unsigned wait_change(atomic_uint *word, unsigned old, atomic_int *sleeping, int spin_us)
 {
     int64_t t0 = -1;
     for (;;) {
         for (int i = 0; i < SPIN_CHECK; i++) {
-            unsigned g = atomic_load_explicit(&p->gen, memory_order_acquire);
-            if (g != seen) return g;
+            unsigned v = atomic_load_explicit(word, memory_order_acquire);
+            if (v != old) return v;
             cpu_relax();
         }
         int64_t t = now_us();
         if (t0 < 0) t0 = t;
-        if (t - t0 >= atomic_load_explicit(&p->spin_us, memory_order_relaxed)) break;
+        if (t - t0 >= spin_us) break;
     }
     for (;;) {
-        atomic_fetch_add(&p->n_sleeping, 1);
-        if (atomic_load(&p->gen) == seen) futex(&p->gen, FUTEX_WAIT_PRIVATE, seen);
-        atomic_fetch_sub(&p->n_sleeping, 1);
-        unsigned g = atomic_load_explicit(&p->gen, memory_order_acquire);
-        if (g != seen) return g;
+        atomic_fetch_add(sleeping, 1);
+        if (atomic_load(word) == old) futex(word, FUTEX_WAIT_PRIVATE, old);
+        atomic_fetch_sub(sleeping, 1);
+        unsigned v = atomic_load_explicit(word, memory_order_acquire);
+        if (v != old) return v;
     }
+}
+
+/* Wait until gen differs from seen; returns the new value. */
+static unsigned wait_gen(pool_t *p, unsigned seen)
+{
+    return wait_change(&p->gen, seen, &p->n_sleeping, atomic_load_explicit(&p->spin_us, memory_order_relaxed));
 }
 
 static void *worker_main(void *arg)
@@ -99,7 +109,8 @@ static void *worker_main(void *arg)
         seen = wait_gen(p, seen);
         if (atomic_load_explicit(&p->stop, memory_order_acquire)) break;
         p->fn(p->ctx, a->ith, p->n);
-        atomic_fetch_add_explicit(&p->done, 1, memory_order_release);
+        atomic_fetch_add(&p->done, 1); /* seq_cst: ordered before the join_sleeping load */
+        if (atomic_load(&p->join_sleeping)) futex(&p->done, FUTEX_WAKE_PRIVATE, 1);
     }
     return NULL;
 }
@@ -122,6 +133,8 @@ int pool_new(int n_threads, pool_t **out)
     atomic_init(&p->n_sleeping, 0);
     atomic_init(&p->stop, 0);
     atomic_init(&p->done, 0);
+    atomic_init(&p->join_sleeping, 0);
+    atomic_init(&p->bar_sleeping, 0);
     atomic_init(&p->busy, 0);
     atomic_init(&p->bar_count, 0);
     atomic_init(&p->bar_phase, 0);
@@ -173,15 +186,12 @@ void pool_run(pool_t *p, pool_fn fn, void *ctx)
     }
     p->fn = fn;
     p->ctx = ctx;
-    atomic_store_explicit(&p->done, 0, memory_order_relaxed);
+    atomic_store_explicit(&p->done, 0u, memory_order_relaxed);
     start_gen(p);
     fn(ctx, 0, p->n);
-    int want = p->n - 1;
-    for (unsigned spins = 0;; spins++) {
-        if (atomic_load_explicit(&p->done, memory_order_acquire) == want) break;
-        cpu_relax();
-        if (spins % (16 * SPIN_CHECK) == 16 * SPIN_CHECK - 1) sched_yield();
-    }
+    unsigned want = (unsigned)p->n - 1, d;
+    while ((d = atomic_load_explicit(&p->done, memory_order_acquire)) != want)
+        wait_change(&p->done, d, &p->join_sleeping, WAIT_SPIN_US);
     atomic_store_explicit(&p->busy, 0, memory_order_release);
 }
 
@@ -191,12 +201,9 @@ void pool_barrier(pool_t *p)
     unsigned phase = atomic_load_explicit(&p->bar_phase, memory_order_acquire);
     if (atomic_fetch_add_explicit(&p->bar_count, 1, memory_order_acq_rel) == p->n - 1) {
         atomic_store_explicit(&p->bar_count, 0, memory_order_relaxed);
-        atomic_fetch_add_explicit(&p->bar_phase, 1, memory_order_release);
+        atomic_fetch_add(&p->bar_phase, 1); /* seq_cst: ordered before the bar_sleeping load */
+        if (atomic_load(&p->bar_sleeping)) futex(&p->bar_phase, FUTEX_WAKE_PRIVATE, INT_MAX);
         return;
     }
-    for (unsigned spins = 0;; spins++) {
-        if (atomic_load_explicit(&p->bar_phase, memory_order_acquire) != phase) return;
-        cpu_relax();
-        if (spins % (16 * SPIN_CHECK) == 16 * SPIN_CHECK - 1) sched_yield();
-    }
+    wait_change(&p->bar_phase, phase, &p->bar_sleeping, WAIT_SPIN_US);
 }

@@ -343,6 +343,65 @@ static void test_errors(void **state)
     free_weight(&b);
 }
 
+/* ---- pool --------------------------------------------------------------------------- */
+
+typedef struct {
+    pool_t *pool;
+    int counts[4];
+    int seen[4][64];
+    int nested_nth;
+} pool_ctx;
+
+static void nested_fn(void *p, int ith, int nth)
+{
+    pool_ctx *c = p;
+    (void)ith;
+    c->nested_nth = nth;
+}
+
+static void pool_fn_steps(void *p, int ith, int nth)
+{
+    pool_ctx *c = p;
+    c->counts[ith]++;
+    /* step s: every thread writes its slot, then after a barrier checks all the others */
+    for (int s = 0; s < 64; s++) {
+        c->seen[ith][s] = s + 1;
+        pool_barrier(nth > 1 ? c->pool : NULL);
+        for (int o = 0; o < nth; o++) assert_int_equal(c->seen[o][s], s + 1);
+        pool_barrier(nth > 1 ? c->pool : NULL);
+    }
+    if (ith == 0) pool_run(c->pool, nested_fn, c); /* busy: runs inline with nth 1 */
+}
+
+static void test_pool(void **state)
+{
+    fixture *f = *state;
+    for (int p = 0; p < 4; p++) {
+        pool_ctx c = {.pool = f->pools[p], .nested_nth = -1};
+        int reps = p == 3 ? 20 : 200; /* 3 threads on 2 cores: every barrier may sleep */
+        for (int rep = 0; rep < reps; rep++) pool_run(f->pools[p], pool_fn_steps, &c);
+        for (int i = 0; i < pool_size(f->pools[p]); i++) assert_int_equal(c.counts[i], reps);
+        assert_int_equal(c.nested_nth, 1);
+    }
+    /* workers that fell asleep wake up */
+    pool_set_spin_us(f->pools[3], 0);
+    pool_ctx c = {.pool = f->pools[3]};
+    for (int rep = 0; rep < 20; rep++) {
+        usleep(2000);
+        pool_run(f->pools[3], pool_fn_steps, &c);
+    }
+    for (int i = 0; i < 3; i++) assert_int_equal(c.counts[i], 20);
+    pool_set_spin_us(f->pools[3], 200);
+    pool_t *p = NULL;
+    assert_int_equal(pool_new(0, &p), -1);
+    assert_null(p);
+    assert_int_equal(pool_new(2, &p), 0);
+    pool_destroy(&p);
+    assert_null(p);
+    pool_destroy(&p);
+    assert_int_equal(pool_size(NULL), 1);
+}
+
 int main(int argc, char **argv)
 {
     (void)argc;
@@ -350,7 +409,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_q4_0), cmocka_unit_test(test_q4_1), cmocka_unit_test(test_q8_0),
         cmocka_unit_test(test_q4_k), cmocka_unit_test(test_q6_k), cmocka_unit_test(test_f32),
         cmocka_unit_test(test_f16),  cmocka_unit_test(test_bf16), cmocka_unit_test(test_multi),
-        cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_errors), cmocka_unit_test(test_pool),
     };
     fprintf(stderr, "test_matmul: %s path\n", cpu_path_name());
     int rc = cmocka_run_group_tests_name(cpu_use_avx2() ? "matmul_avx2" : "matmul_portable", tests, setup, teardown);
