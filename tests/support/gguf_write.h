@@ -27,7 +27,8 @@ void gguf_writer_destroy(gguf_writer_t **self_p);
 
 /* The version field written in the header (default 3; anything, for tests). */
 void gguf_writer_set_version(gguf_writer_t *w, uint32_t version);
-/* Tensor data alignment (a power of two); writes general.alignment unless it is 32. */
+/* Tensor data alignment (a power of two); writes general.alignment unless it is 32, so
+ * call it once, before or among the metadata. */
 void gguf_writer_set_alignment(gguf_writer_t *w, uint32_t alignment);
 
 /* Metadata, in the order added. Keys are copied; no check against duplicates (so that
