@@ -24,13 +24,14 @@ ifeq ($(origin CUDA),undefined)
 endif
 ASAN      ?= 0
 
-PKGS      := libpcre2-8 libzmq jansson inih libsystemd
+PKGS      := libpcre2-8 libzmq jansson inih libsystemd libcrypto
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 
 DUET_CFLAGS := -std=c11 -Wall -Wextra -Werror -D_GNU_SOURCE -pthread -I. -MMD -MP $(PKG_CFLAGS)
 DUET_LIBS   := $(PKG_LIBS) -lm -pthread
 AVX2_FLAGS  := -mavx2 -mfma -mf16c
+TEST_LIBS   := -lcmocka
 
 ifeq ($(ASAN),1)
   SAN := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
@@ -116,7 +117,7 @@ $(foreach p,$(PROG_DEFS),$(eval $(call prog_rule,$(word 1,$(subst :, ,$(p))),$(w
 
 $(BUILD)/tests/%: $(BUILD)/tests/%.o $(SUPPORT_OBJ) $(LINK_LIBS)
 	@mkdir -p $(@D)
-	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(SUPPORT_OBJ) $(LINK_LIBS) $(DUET_LIBS) -lcmocka
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $< $(SUPPORT_OBJ) $(LINK_LIBS) $(DUET_LIBS) $(TEST_LIBS)
 
 $(BUILD)/bench/%: $(BUILD)/bench/%.o $(SUPPORT_OBJ) $(LINK_LIBS)
 	@mkdir -p $(@D)
