@@ -14,6 +14,7 @@ cpu_caps cpu_detect(void)
     c.f16c = __builtin_cpu_supports("f16c") != 0;
     c.avx512f = __builtin_cpu_supports("avx512f") != 0;
     c.avx512bw = __builtin_cpu_supports("avx512bw") != 0;
+    c.avx512vl = __builtin_cpu_supports("avx512vl") != 0;
     c.avx512vnni = __builtin_cpu_supports("avx512vnni") != 0;
 #endif
     return c;
@@ -21,14 +22,19 @@ cpu_caps cpu_detect(void)
 
 /* Set once by pthread_once and read-only afterwards. */
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
-static int g_use_avx2;
+static int g_use_avx2, g_use_vnni;
+
+static int env_set(const char *name)
+{
+    const char *env = getenv(name);
+    return env && *env && !(env[0] == '0' && env[1] == '\0');
+}
 
 static void decide(void)
 {
     cpu_caps c = cpu_detect();
-    const char *env = getenv("DUET_NO_AVX2");
-    int off = env && *env && !(env[0] == '0' && env[1] == '\0');
-    g_use_avx2 = c.avx2 && c.fma && c.f16c && !off;
+    g_use_avx2 = c.avx2 && c.fma && c.f16c && !env_set("DUET_NO_AVX2");
+    g_use_vnni = g_use_avx2 && c.avx512vl && c.avx512vnni && !env_set("DUET_NO_AVX512");
 }
 
 int cpu_use_avx2(void)
@@ -37,4 +43,10 @@ int cpu_use_avx2(void)
     return g_use_avx2;
 }
 
-const char *cpu_path_name(void) { return cpu_use_avx2() ? "avx2" : "portable"; }
+int cpu_use_vnni(void)
+{
+    pthread_once(&g_once, decide);
+    return g_use_vnni;
+}
+
+const char *cpu_path_name(void) { return cpu_use_vnni() ? "avx2+vnni" : cpu_use_avx2() ? "avx2" : "portable"; }

@@ -286,7 +286,8 @@ const mm_impl *mm_impl_portable(void)
 
 static const mm_impl *impl_now(void)
 {
-    const mm_impl *avx2 = cpu_use_avx2() ? mm_impl_avx2() : NULL;
+    const mm_impl *avx2 = cpu_use_vnni() ? mm_impl_vnni() : NULL;
+    if (!avx2) avx2 = cpu_use_avx2() ? mm_impl_avx2() : NULL;
     return avx2 ? avx2 : mm_impl_portable();
 }
 

@@ -8,6 +8,10 @@
  */
 #include "kernels/matmul_internal.h"
 
+#ifndef MM_IMPL_NAME
+#define MM_IMPL_NAME mm_impl_avx2
+#endif
+
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 
 #include <immintrin.h>
@@ -58,7 +62,11 @@ INLINE __m256i nib32(const uint8_t *qs)
 /* Sum of u8 x s8 products, in 8 int32 lanes. */
 INLINE __m256i dot_us(__m256i u, __m256i s)
 {
+#ifdef MM_VNNI
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
 }
 
 INLINE __m256i loadu(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
@@ -88,6 +96,7 @@ INLINE void a32_rows_1(const uint8_t *w, size_t rb, const int R, const mm_act *a
     const size_t bs = BS_OF(T);
     __m256 acc[4];
     __m128 macc[4];
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < R; r++) {
         acc[r] = _mm256_setzero_ps();
         macc[r] = _mm_setzero_ps();
@@ -95,6 +104,7 @@ INLINE void a32_rows_1(const uint8_t *w, size_t rb, const int R, const mm_act *a
     for (int64_t b = 0; b < nb; b++) {
         __m256i xq = loadu(a->q32 + 32 * b);
         __m128 dsx = _mm_castpd_ps(_mm_load_sd((const double *)(a->ds + 2 * b)));
+        _Pragma("GCC unroll 8")
         for (int r = 0; r < R; r++) {
             const uint8_t *blk = w + (size_t)r * rb + (size_t)b * bs;
             __m128 dm;
@@ -113,6 +123,7 @@ INLINE void a32_rows_1(const uint8_t *w, size_t rb, const int R, const mm_act *a
                                      _mm256_broadcastss_ps(prod), acc[r]);
         }
     }
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < R; r++) {
         float v = hsum_ps(acc[r]);
         float m = _mm_cvtss_f32(_mm_movehdup_ps(macc[r]));
@@ -128,20 +139,25 @@ INLINE void a32_tile_4(const uint8_t *w, size_t rb, const int R, const mm_act *a
 {
     const size_t bs = BS_OF(T);
     __m256 acc[2][4];
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < 4; t++) acc[r][t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         __m256i wv[2];
         __m256 dv[2];
+        _Pragma("GCC unroll 8")
         for (int r = 0; r < R; r++) {
             const uint8_t *blk = w + (size_t)r * rb + (size_t)b * bs;
             dv[r] = f16_bcast(blk);
             if (T == T_Q8_0) wv[r] = loadu(blk + 2);
             else wv[r] = nib32(blk + (T == T_Q4_1 ? 4 : 2));
         }
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < 4; t++) {
             __m256i xq = loadu(a[t].q32 + 32 * b);
             __m256 dx = _mm256_broadcast_ss(a[t].ds + 2 * b);
+            _Pragma("GCC unroll 8")
             for (int r = 0; r < R; r++) {
                 __m256i p = T == T_Q8_0 ? dot_us(_mm256_sign_epi8(wv[r], wv[r]), _mm256_sign_epi8(xq, wv[r]))
                                         : dot_us(wv[r], xq);
@@ -149,7 +165,9 @@ INLINE void a32_tile_4(const uint8_t *w, size_t rb, const int R, const mm_act *a
             }
         }
     }
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < 4; t++) {
             float v = hsum_ps(acc[r][t]);
             if (T != T_Q8_0) {
@@ -179,6 +197,7 @@ INLINE void a32_kern(const uint8_t *w, size_t rb, int nr, const mm_act *a, int n
         for (; r + 2 <= nr || r < nr; r += 2) {
             int R = nr - r >= 2 ? 2 : 1;
             if (T != T_Q8_0)
+                _Pragma("GCC unroll 8")
                 for (int rr = 0; rr < R; rr++)
                     for (int64_t b = 0; b < nb; b++) {
                         const uint8_t *blk = w + (size_t)(r + rr) * rb + (size_t)b * bs;
@@ -247,6 +266,7 @@ INLINE void q4k_rows_1(const uint8_t *w, size_t rb, const int R, const mm_act *a
                        float *y, int add)
 {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < R; r++) {
         const blk_q4_k *blk = (const blk_q4_k *)(w + (size_t)r * rb);
         __m256 acc = _mm256_setzero_ps();
@@ -257,6 +277,7 @@ INLINE void q4k_rows_1(const uint8_t *w, size_t rb, const int R, const mm_act *a
             __m128i mins16;
             __m256i sc = q4k_scales(b, &mins16);
             __m256i sumi = _mm256_setzero_si256();
+            _Pragma("GCC unroll 8")
             for (int c = 0; c < 4; c++) {
                 __m256i q = loadu(b->qs + 32 * c);
                 __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
@@ -281,17 +302,21 @@ INLINE void q4k_tile_4(const uint8_t *w, const mm_act *a, int64_t nsb, float *y,
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     const blk_q4_k *blk = (const blk_q4_k *)w;
     __m256 acc[4];
+    _Pragma("GCC unroll 8")
     for (int t = 0; t < 4; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t i = 0; i < nsb; i++) {
         const blk_q4_k *b = blk + i;
         __m128i mins16;
         __m256i sc = q4k_scales(b, &mins16);
         __m256i sumi[4];
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < 4; t++) sumi[t] = _mm256_setzero_si256();
+        _Pragma("GCC unroll 8")
         for (int c = 0; c < 4; c++) {
             __m256i q = loadu(b->qs + 32 * c);
             __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
             __m256i s0 = word_bcast(sc, 2 * c), s1 = word_bcast(sc, 2 * c + 1);
+            _Pragma("GCC unroll 8")
             for (int t = 0; t < 4; t++) {
                 const int8_t *x = a[t].qk + i * QK_K + 64 * c;
                 __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, loadu(x)), s0);
@@ -300,6 +325,7 @@ INLINE void q4k_tile_4(const uint8_t *w, const mm_act *a, int64_t nsb, float *y,
             }
         }
         float d = f16((const uint8_t *)&b->d), dmin = f16((const uint8_t *)&b->dmin);
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < 4; t++) {
             float dx = a[t].dk[i];
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_set1_ps(d * dx), acc[t]);
@@ -308,6 +334,7 @@ INLINE void q4k_tile_4(const uint8_t *w, const mm_act *a, int64_t nsb, float *y,
                                       _mm256_set1_ps(dmin * dx), acc[t]);
         }
     }
+    _Pragma("GCC unroll 8")
     for (int t = 0; t < 4; t++) put(&y[t * ldy], add, hsum_ps(acc[t]));
 }
 
@@ -350,6 +377,7 @@ INLINE __m256i q6k_scales(const blk_q6_k *b, __m256i *natural)
 INLINE void q6k_rows_1(const uint8_t *w, size_t rb, const int R, const mm_act *a, int64_t nsb,
                        float *y, int add)
 {
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < R; r++) {
         const blk_q6_k *blk = (const blk_q6_k *)(w + (size_t)r * rb);
         __m256 acc = _mm256_setzero_ps();
@@ -359,8 +387,10 @@ INLINE void q6k_rows_1(const uint8_t *w, size_t rb, const int R, const mm_act *a
             __m256i nat, sc = q6k_scales(b, &nat);
             __m256i sumi = _mm256_slli_epi32(_mm256_madd_epi16(nat, loadu(a->bsums + i * 16)), 5);
             sumi = _mm256_sub_epi32(_mm256_setzero_si256(), sumi);
+            _Pragma("GCC unroll 8")
             for (int h = 0; h < 2; h++) {
                 __m256i ql0 = loadu(b->ql + 64 * h), ql1 = loadu(b->ql + 64 * h + 32), qh = loadu(b->qh + 32 * h);
+                _Pragma("GCC unroll 8")
                 for (int k = 0; k < 4; k++) {
                     __m256i q = q6k_vec(ql0, ql1, qh, k);
                     __m256i p = _mm256_maddubs_epi16(q, loadu(x + 128 * h + 32 * k));
@@ -377,18 +407,23 @@ INLINE void q6k_tile_4(const uint8_t *w, const mm_act *a, int64_t nsb, float *y,
 {
     const blk_q6_k *blk = (const blk_q6_k *)w;
     __m256 acc[4];
+    _Pragma("GCC unroll 8")
     for (int t = 0; t < 4; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t i = 0; i < nsb; i++) {
         const blk_q6_k *b = blk + i;
         __m256i nat, sc = q6k_scales(b, &nat);
         __m256i sumi[4];
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < 4; t++)
             sumi[t] = _mm256_sub_epi32(_mm256_setzero_si256(),
                                        _mm256_slli_epi32(_mm256_madd_epi16(nat, loadu(a[t].bsums + i * 16)), 5));
+        _Pragma("GCC unroll 8")
         for (int h = 0; h < 2; h++) {
             __m256i ql0 = loadu(b->ql + 64 * h), ql1 = loadu(b->ql + 64 * h + 32), qh = loadu(b->qh + 32 * h);
+            _Pragma("GCC unroll 8")
             for (int k = 0; k < 4; k++) {
                 __m256i q = q6k_vec(ql0, ql1, qh, k), s = word_bcast(sc, 4 * h + k);
+                _Pragma("GCC unroll 8")
                 for (int t = 0; t < 4; t++) {
                     __m256i p = _mm256_maddubs_epi16(q, loadu(a[t].qk + i * QK_K + 128 * h + 32 * k));
                     sumi[t] = _mm256_add_epi32(sumi[t], _mm256_madd_epi16(p, s));
@@ -396,9 +431,11 @@ INLINE void q6k_tile_4(const uint8_t *w, const mm_act *a, int64_t nsb, float *y,
             }
         }
         float d = f16((const uint8_t *)&b->d);
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < 4; t++)
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[t]), _mm256_set1_ps(d * a[t].dk[i]), acc[t]);
     }
+    _Pragma("GCC unroll 8")
     for (int t = 0; t < 4; t++) put(&y[t * ldy], add, hsum_ps(acc[t]));
 }
 
@@ -441,18 +478,25 @@ INLINE void f_tile(const uint8_t *w, size_t rb, const int R, const mm_act *a, co
                    int64_t n_in, float *y, int64_t ldy, int add, const int T)
 {
     __m256 acc[4][4];
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < TT; t++) acc[r][t] = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= n_in; i += 8) {
         __m256 wv[4];
+        _Pragma("GCC unroll 8")
         for (int r = 0; r < R; r++) wv[r] = fload8(w + (size_t)r * rb, i, T);
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < TT; t++) {
             __m256 xv = _mm256_loadu_ps(a[t].f + i);
+            _Pragma("GCC unroll 8")
             for (int r = 0; r < R; r++) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
         }
     }
+    _Pragma("GCC unroll 8")
     for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 8")
         for (int t = 0; t < TT; t++) {
             float v = hsum_ps(acc[r][t]);
             for (int64_t j = i; j < n_in; j++) v += fscalar(w + (size_t)r * rb, j, T) * a[t].f[j];
@@ -552,7 +596,7 @@ static void quant_ak(const float *x, int64_t n, int8_t *q, float *d, int16_t *bs
     }
 }
 
-const mm_impl *mm_impl_avx2(void)
+const mm_impl *MM_IMPL_NAME(void)
 {
     static const mm_impl impl = {
         .kern = {[DTYPE_F32] = kern_f32, [DTYPE_F16] = kern_f16, [DTYPE_BF16] = kern_bf16,
@@ -566,6 +610,6 @@ const mm_impl *mm_impl_avx2(void)
 
 #else
 
-const mm_impl *mm_impl_avx2(void) { return NULL; }
+const mm_impl *MM_IMPL_NAME(void) { return NULL; }
 
 #endif

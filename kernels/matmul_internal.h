@@ -38,5 +38,6 @@ typedef struct {
 /* The portable and AVX2 implementations; the AVX2 table is NULL when not compiled in. */
 const mm_impl *mm_impl_portable(void);
 const mm_impl *mm_impl_avx2(void);
+const mm_impl *mm_impl_vnni(void);
 
 #endif
