@@ -5,7 +5,8 @@
  * kernels quantize them, which checks the integer kernels to float rounding; (loose) the
  * dequantized weights times the f32 activations, which bounds the activation
  * quantization error. Errors are normalized: ||y - ref||_2 / ||ref||_2 over the output.
- * The binary runs itself a second time with DUET_NO_AVX2=1 to cover the portable path.
+ * The binary runs itself again with DUET_NO_AVX512=1 (AVX2 without VNNI) and with
+ * DUET_NO_AVX2=1 (portable) to cover every path the processor has.
  */
 #include <math.h>
 #include <setjmp.h>
@@ -412,19 +413,23 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_errors), cmocka_unit_test(test_pool),
     };
     fprintf(stderr, "test_matmul: %s path\n", cpu_path_name());
-    int rc = cmocka_run_group_tests_name(cpu_use_avx2() ? "matmul_avx2" : "matmul_portable", tests, setup, teardown);
-    if (cpu_use_avx2()) {
-        /* the portable path, in a child with DUET_NO_AVX2=1 */
-        fflush(stdout);
-        fflush(stderr);
-        pid_t pid = fork();
-        if (pid == 0) {
-            setenv("DUET_NO_AVX2", "1", 1);
-            execv("/proc/self/exe", argv);
-            _exit(127);
+    int rc = cmocka_run_group_tests_name(cpu_use_vnni() ? "matmul_avx2_vnni" : cpu_use_avx2() ? "matmul_avx2" : "matmul_portable", tests, setup, teardown);
+    /* the other paths, each in a child: AVX2 without VNNI, then portable */
+    if (!getenv("DUET_NO_AVX2") && !getenv("DUET_NO_AVX512")) {
+        const char *vars[2] = {cpu_use_vnni() ? "DUET_NO_AVX512" : NULL, cpu_use_avx2() ? "DUET_NO_AVX2" : NULL};
+        for (int v = 0; v < 2; v++) {
+            if (!vars[v]) continue;
+            fflush(stdout);
+            fflush(stderr);
+            pid_t pid = fork();
+            if (pid == 0) {
+                setenv(vars[v], "1", 1);
+                execv("/proc/self/exe", argv);
+                _exit(127);
+            }
+            int st = 0;
+            if (pid < 0 || waitpid(pid, &st, 0) < 0 || !WIFEXITED(st) || WEXITSTATUS(st) != 0) rc = rc ? rc : 1;
         }
-        int st = 0;
-        if (pid < 0 || waitpid(pid, &st, 0) < 0 || !WIFEXITED(st) || WEXITSTATUS(st) != 0) rc = rc ? rc : 1;
     }
     return rc;
 }
