@@ -3,9 +3,13 @@
 
 #include <math.h>
 #include <stdarg.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #define KV_DEFAULT_BLOCK_TOKENS 16
 #define KV_DEFAULT_MAX_SEQS 1024
@@ -43,7 +47,8 @@ struct kv_cache {
     size_t esz;             /* bytes per element */
     size_t tile_elems;      /* bt * hd */
     size_t layer_bytes;     /* bytes of one layer's K (or V) array */
-    unsigned char *data;    /* [n_layers][2][n_blocks][nh][bt][hd] */
+    unsigned char *data;    /* [n_layers][2][n_blocks][nh][bt][hd], mmap'ed */
+    size_t data_bytes;
     float *scales;          /* int8: [n_layers][2][n_blocks][nh] */
     kv_block *blk;          /* [n_blocks] */
     int32_t *btok;          /* [n_blocks][bt]: token ids of cached blocks */
@@ -125,8 +130,16 @@ kv_status kv_new(const kv_config *cfg, kv_cache_t **out)
     while (cap < 2 * nb) cap <<= 1;
     kv->ht_mask = cap - 1;
     const int ms = kv->cfg.max_seqs;
-    /* calloc: large pools come zeroed from mmap without touching pages now. */
-    kv->data = calloc((size_t)cfg->n_layers * 2, kv->layer_bytes);
+    /* Anonymous memory comes zeroed without touching pages now; huge pages (where the
+     * kernel allows them) spare attention and pack/unpack most TLB misses. */
+    kv->data_bytes = (size_t)cfg->n_layers * 2 * kv->layer_bytes;
+    void *d = mmap(NULL, kv->data_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (d != MAP_FAILED) {
+        kv->data = d;
+#ifdef MADV_HUGEPAGE
+        madvise(d, kv->data_bytes, MADV_HUGEPAGE); /* advice only: failure is harmless */
+#endif
+    }
     if (cfg->dtype == DTYPE_I8)
         kv->scales = calloc((size_t)cfg->n_layers * 2 * nb * kv->nh, sizeof(float));
     kv->blk = calloc(nb, sizeof *kv->blk);
@@ -170,7 +183,7 @@ void kv_destroy(kv_cache_t **self_p)
     kv_cache_t *kv = *self_p;
     if (kv->seqs)
         for (int i = 0; i < kv->cfg.max_seqs; i++) seq_release_arrays(&kv->seqs[i]);
-    free(kv->data);
+    if (kv->data) munmap(kv->data, kv->data_bytes);
     free(kv->scales);
     free(kv->blk);
     free(kv->btok);
@@ -805,20 +818,77 @@ static int i8_range_ok(const kv_cache_t *kv, const kv_seq *s, int tok0, int n_to
     return tok0 % kv->bt == 0 && ((tok0 + n_tok) % kv->bt == 0 || tok0 + n_tok == s->len);
 }
 
-/* Copy rows [tok0, tok0+n_tok) of one (layer, which, head) between the tiles and a dense
- * [n_tok][hd] run at p; to_buf selects the direction. Whole contiguous runs per block. */
-static void copy_rows(const kv_cache_t *kv, const kv_seq *s, int layer, int which, int head,
-                      int tok0, int n_tok, unsigned char *p, int to_buf)
+/* Packs and unpacks at least this large bypass the caches (streaming stores): the data is
+ * bigger than the caches anyway, and it saves the destination's read-for-ownership. */
+#define KV_STREAM_MIN_BYTES ((size_t)1 << 20)
+/* How far ahead (in blocks) a pack of a subset of heads prefetches. */
+#ifndef KV_PREFETCH_BLOCKS
+#define KV_PREFETCH_BLOCKS 4
+#endif
+
+/* memcpy, or with non-temporal stores when nt and the destination is 16-byte aligned
+ * (the caller ends with a fence). */
+static inline void copy_bytes(void *dst, const void *src, size_t n, int nt)
 {
-    const size_t row = (size_t)kv->hd * kv->esz;
+#if defined(__SSE2__)
+    if (nt && ((uintptr_t)dst & 15) == 0) {
+        __m128i *d = dst;
+        const __m128i *s = src;
+        size_t i = 0, n64 = n / 64;
+        for (; i < n64; i++, d += 4, s += 4) {
+            __m128i a = _mm_loadu_si128(s), b = _mm_loadu_si128(s + 1);
+            __m128i c = _mm_loadu_si128(s + 2), e = _mm_loadu_si128(s + 3);
+            _mm_stream_si128(d, a);
+            _mm_stream_si128(d + 1, b);
+            _mm_stream_si128(d + 2, c);
+            _mm_stream_si128(d + 3, e);
+        }
+        if (n % 64) memcpy(d, s, n % 64);
+        return;
+    }
+#endif
+    (void)nt;
+    memcpy(dst, src, n);
+}
+
+static inline void copy_fence(int nt)
+{
+#if defined(__SSE2__)
+    if (nt) _mm_sfence();
+#endif
+    (void)nt;
+}
+
+/* Copy rows [tok0, tok0+n_tok) of one (layer, which) for local heads [h0, h0+n_heads)
+ * between the tiles and n_heads dense [n_tok][hd] runs at p; to_buf selects the direction.
+ * Blocks outer, heads inner: the pool side is read (written) in address order, one
+ * contiguous memcpy per block and head. */
+static void copy_rows(const kv_cache_t *kv, const kv_seq *s, int layer, int which, int h0,
+                      int n_heads, int tok0, int n_tok, unsigned char *p, int to_buf, int nt)
+{
+    const size_t row = (size_t)kv->hd * kv->esz, run = (size_t)n_tok * row;
     int t = tok0, end = tok0 + n_tok;
     while (t < end) {
         int slot = t % kv->bt, n = kv->bt - slot;
         if (n > end - t) n = end - t;
-        unsigned char *tp = tile(kv, layer, which, s->blocks[t / kv->bt], head) + (size_t)slot * row;
-        if (to_buf) memcpy(p, tp, (size_t)n * row);
-        else memcpy(tp, p, (size_t)n * row);
-        p += (size_t)n * row;
+        const int b = s->blocks[t / kv->bt];
+        unsigned char *q = p + (size_t)(t - tok0) * row;
+        const int ahead = t / kv->bt + KV_PREFETCH_BLOCKS;
+        if (to_buf && n_heads < kv->nh && ahead < (end + kv->bt - 1) / kv->bt) {
+            /* a subset of heads reads the pool with gaps, which the hardware prefetcher
+             * does not follow across pages: ask for rows a few blocks ahead */
+            const int nb = s->blocks[ahead];
+            const size_t len = (size_t)kv->bt * row;
+            for (int h = h0; h < h0 + n_heads; h++) {
+                const unsigned char *np = tile(kv, layer, which, nb, h);
+                for (size_t o = 0; o < len; o += 64) __builtin_prefetch(np + o);
+            }
+        }
+        for (int h = h0; h < h0 + n_heads; h++, q += run) {
+            unsigned char *tp = tile(kv, layer, which, b, h) + (size_t)slot * row;
+            if (to_buf) copy_bytes(q, tp, (size_t)n * row, nt);
+            else copy_bytes(tp, q, (size_t)n * row, nt);
+        }
         t += n;
     }
 }
@@ -840,15 +910,16 @@ static void move_body(const kv_cache_t *kv, const kv_seq *s, int layer0, int n_l
 {
     const size_t run = (size_t)n_tok * kv->hd * kv->esz;
     const size_t srun = sblk_count(kv, n_tok) * sizeof(float);
+    const int nt = (size_t)n_layers * 2 * n_heads * run >= KV_STREAM_MIN_BYTES;
     for (int l = layer0; l < layer0 + n_layers; l++) {
-        for (int w = 0; w < 2; w++)
-            for (int h = h0; h < h0 + n_heads; h++, p += run)
-                copy_rows(kv, s, l, w, h, tok0, n_tok, p, to_buf);
+        for (int w = 0; w < 2; w++, p += n_heads * run)
+            copy_rows(kv, s, l, w, h0, n_heads, tok0, n_tok, p, to_buf, nt);
         if (kv->scales)
             for (int w = 0; w < 2; w++)
                 for (int h = h0; h < h0 + n_heads; h++, p += srun)
                     copy_scales(kv, s, l, w, h, tok0, n_tok, p, to_buf);
     }
+    copy_fence(nt);
 }
 
 kv_status kv_pack_range(const kv_cache_t *kv, int seq, int layer0, int n_layers, int head0,
