@@ -713,7 +713,7 @@ static void store_row(kv_cache_t *kv, int layer, int which, int b, int slot, con
             float inv = *sc > 0 ? 1.0f / *sc : 0.0f;
             for (int i = 0; i < hd; i++) {
                 float v = rintf(src[i] * inv);
-                qr[i] = (int8_t)(v > 127.0f ? 127 : v < -127.0f ? -127 : v);
+                qr[i] = (int8_t)(v > 127.0f ? 127 : v < -127.0f ? -127 : v == v ? v : 0); /* NaN -> 0 */
             }
             break;
         }

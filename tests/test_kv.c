@@ -400,6 +400,11 @@ static void test_store_rounding_int8(void **state)
     assert_int_equal(kv_store(kv, s, 0, 0, z, z), KV_OK); /* all zero: scale stays 0, no NaN */
     assert_int_equal(kv_load(kv, s, 0, 0, lk, lv), KV_OK);
     for (int i = 0; i < 24; i++) assert_float_equal(lk[i], 0.0f, 0);
+    /* non-finite input: an error of the caller's model, but no undefined behaviour here */
+    assert_int_equal(kv_seq_append(kv, s, t4, 1), KV_OK);
+    z[3] = INFINITY;
+    z[9] = NAN;
+    assert_int_equal(kv_store(kv, s, 1, 1, z, z), KV_OK);
     done(&kv);
 }
 
