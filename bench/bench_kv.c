@@ -281,7 +281,7 @@ static double do_stream(void *p)
 
 static void bench_pack(const shape *sh, int quick)
 {
-    const int BT = 16, nb = (sh->n_tok + BT - 1) / BT, reps = quick ? 2 : 7;
+    const int BT = 16, nb = (sh->n_tok + BT - 1) / BT, reps = quick ? 2 : 15;
     kv_cache_t *src = make(sh->n_layers, sh->n_heads, sh->head_dim, sh->dtype, nb);
     kv_cache_t *dst = make(sh->n_layers, sh->n_heads, sh->head_dim, sh->dtype, nb);
     int32_t *tok = malloc((size_t)sh->n_tok * sizeof *tok);

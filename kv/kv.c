@@ -881,7 +881,7 @@ static void copy_rows(const kv_cache_t *kv, const kv_seq *s, int layer, int whic
             const size_t len = (size_t)kv->bt * row;
             for (int h = h0; h < h0 + n_heads; h++) {
                 const unsigned char *np = tile(kv, layer, which, nb, h);
-                for (size_t o = 0; o < len; o += 64) __builtin_prefetch(np + o);
+                for (size_t o = 0; o < len; o += 64) __builtin_prefetch(np + o, 0, 1); /* to L2 */
             }
         }
         for (int h = h0; h < h0 + n_heads; h++, q += run) {
