@@ -73,6 +73,13 @@ INLINE __m256i loadu(const void *p) { return _mm256_loadu_si256((const __m256i *
 
 INLINE void put(float *y, int add, float v) { *y = add ? *y + v : v; }
 
+/* Decode streams weights from memory once; the hardware prefetcher alone does not run
+ * far enough ahead (measured: a SmolLM2 step went from 8.9 to 5.9 ms on one thread), so
+ * the one-token kernels prefetch this far ahead of the byte they read. */
+#define PREFETCH_BYTES 4096
+
+INLINE void prefetch(const void *p) { _mm_prefetch((const char *)p + PREFETCH_BYTES, _MM_HINT_T0); }
+
 /* ---- A32 types (Q4_0, Q4_1, Q8_0) ------------------------------------------------------- */
 
 enum { T_Q4_0, T_Q4_1, T_Q8_0 };
@@ -107,6 +114,7 @@ INLINE void a32_rows_1(const uint8_t *w, size_t rb, const int R, const mm_act *a
         _Pragma("GCC unroll 8")
         for (int r = 0; r < R; r++) {
             const uint8_t *blk = w + (size_t)r * rb + (size_t)b * bs;
+            prefetch(blk);
             __m128 dm;
             if (T == T_Q4_1) {
                 uint32_t h;
@@ -274,6 +282,7 @@ INLINE void q4k_rows_1(const uint8_t *w, size_t rb, const int R, const mm_act *a
         for (int64_t i = 0; i < nsb; i++) {
             const blk_q4_k *b = blk + i;
             const int8_t *x = a->qk + i * QK_K;
+            for (int l = 0; l < 3; l++) prefetch((const uint8_t *)b + 64 * l);
             __m128i mins16;
             __m256i sc = q4k_scales(b, &mins16);
             __m256i sumi = _mm256_setzero_si256();
@@ -384,6 +393,7 @@ INLINE void q6k_rows_1(const uint8_t *w, size_t rb, const int R, const mm_act *a
         for (int64_t i = 0; i < nsb; i++) {
             const blk_q6_k *b = blk + i;
             const int8_t *x = a->qk + i * QK_K;
+            for (int l = 0; l < 4; l++) prefetch((const uint8_t *)b + 64 * l);
             __m256i nat, sc = q6k_scales(b, &nat);
             __m256i sumi = _mm256_slli_epi32(_mm256_madd_epi16(nat, loadu(a->bsums + i * 16)), 5);
             sumi = _mm256_sub_epi32(_mm256_setzero_si256(), sumi);
@@ -486,7 +496,11 @@ INLINE void f_tile(const uint8_t *w, size_t rb, const int R, const mm_act *a, co
     for (; i + 8 <= n_in; i += 8) {
         __m256 wv[4];
         _Pragma("GCC unroll 8")
-        for (int r = 0; r < R; r++) wv[r] = fload8(w + (size_t)r * rb, i, T);
+        for (int r = 0; r < R; r++) {
+            if (TT == 1 && i % 32 == 0) prefetch(w + (size_t)r * rb + (T == T_F32 ? 4 : 2) * i);
+            if (TT == 1 && T == T_F32 && i % 32 == 16) prefetch(w + (size_t)r * rb + 4 * i);
+            wv[r] = fload8(w + (size_t)r * rb, i, T);
+        }
         _Pragma("GCC unroll 8")
         for (int t = 0; t < TT; t++) {
             __m256 xv = _mm256_loadu_ps(a[t].f + i);
