@@ -211,6 +211,23 @@ static void test_repeat_penalty(void **state)
     assert_true(l[0] == 4.0f && l[1] == 3.0f);
     sampler_destroy(&s);
 
+    /* nothing of one call's history sticks to the next, on every path: greedy, top-k by
+     * heap, all candidates (min-p 1 keeps the best alone) */
+    const sample_params paths[] = {params(0.0f, 0, 1.0f, 0.0f, 1), params(1.0f, 1, 1.0f, 0.0f, 1),
+                                   params(1.0f, 0, 1.0f, 1.0f, 1)};
+    for (size_t k = 0; k < sizeof paths / sizeof paths[0]; k++) {
+        p = paths[k];
+        p.repeat_penalty = 2.0f;
+        p.repeat_last_n = 8;
+        s = make(&p, 4);
+        float m[4] = {4.0f, 3.0f, 2.5f, -1.0f};
+        int32_t only0[] = {0, 0}, only1[] = {1};
+        assert_int_equal(sampler_sample(s, m, only0, 2), 1); /* 2 vs 3 vs 2.5 */
+        assert_int_equal(sampler_sample(s, m, only1, 1), 0); /* 0 is not penalized now */
+        assert_int_equal(sampler_sample(s, m, NULL, 0), 0);
+        sampler_destroy(&s);
+    }
+
     /* with sampling: penalized probabilities. logits ln(.5), ln(.25), ln(.25); penalty
      * on token 0 multiplies its (negative) logit by 2: weight .25 -> p = 1/3 each. */
     double probs[3] = {0.5, 0.25, 0.25};
