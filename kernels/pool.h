@@ -1,9 +1,11 @@
 /* kernels/pool.h: a fixed team of threads for the CPU kernels.
  *
  * pool_run() runs one function on every thread of the team (the caller is thread 0)
- * and returns when all are done. Workers spin for a short while after each run, so a
- * run that follows soon after costs about a microsecond to dispatch and join; idle
- * workers then sleep on a futex and use no CPU. The hot path takes no lock.
+ * and returns when all are done. Workers spin for a short while after each run (200 µs
+ * by default, pool_set_spin_us), so a run that follows soon after costs well under a
+ * microsecond to dispatch and join (0.12 µs measured on 2 threads); idle workers then
+ * sleep on a futex and use no CPU. The hot path takes no lock. A join or barrier that
+ * waits longer than 50 µs sleeps too, so an oversubscribed machine still makes progress.
  *
  * Inside a running function, pool_barrier() synchronizes the team, so a caller can
  * fuse a whole sequence of dependent steps (a transformer layer) into one run.
