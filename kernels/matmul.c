@@ -98,15 +98,16 @@ static void quant_a32_ref(const float *x, int64_t n, int8_t *q, float *ds, float
         const float *xb = x + b * QK32;
         float amax = 0.0f;
         for (int j = 0; j < QK32; j++) amax = fmaxf(amax, fabsf(xb[j]));
-        float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
         int sum = 0;
         for (int j = 0; j < QK32; j++) {
             int v = (int)lrintf(xb[j] * id);
             q[b * QK32 + j] = (int8_t)v;
             sum += v;
         }
-        ds[2 * b] = d;
-        ds[2 * b + 1] = s[b] = d * (float)sum;
+        /* d and s rounded to f16 as GGUF's Q8_1 stores them (matches llama.cpp bit for bit) */
+        ds[2 * b] = fp16_to_f32(fp16_from_f32(d));
+        ds[2 * b + 1] = s[b] = fp16_to_f32(fp16_from_f32(d * (float)sum));
     }
 }
 
@@ -116,8 +117,8 @@ static void quant_ak_ref(const float *x, int64_t n, int8_t *q, float *d, int16_t
         const float *xb = x + b * QK_K;
         float amax = 0.0f;
         for (int j = 0; j < QK_K; j++) amax = fmaxf(amax, fabsf(xb[j]));
-        float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
-        d[b] = db;
+        float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        d[b] = amax != 0.0f ? 1.0f / id : 0.0f;
         for (int g = 0; g < QK_K / 16; g++) {
             int sum = 0;
             for (int j = 0; j < 16; j++) {
@@ -142,8 +143,8 @@ static float dot_q4_0(const uint8_t *w, const mm_act *a, int64_t n_in)
         const int8_t *x = a->q32 + i * QK32;
         int s = 0;
         for (int j = 0; j < QK32 / 2; j++)
-            s += (b[i].qs[j] & 0xF) * x[j] + (b[i].qs[j] >> 4) * x[j + QK32 / 2];
-        sum += fp16_to_f32(b[i].d) * (a->ds[2 * i] * (float)s - 8.0f * a->ds[2 * i + 1]);
+            s += ((b[i].qs[j] & 0xF) - 8) * x[j] + ((b[i].qs[j] >> 4) - 8) * x[j + QK32 / 2];
+        sum += fp16_to_f32(b[i].d) * a->ds[2 * i] * (float)s;
     }
     return sum;
 }

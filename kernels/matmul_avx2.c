@@ -86,12 +86,12 @@ enum { T_Q4_0, T_Q4_1, T_Q8_0 };
 
 #define BS_OF(T) ((T) == T_Q4_0 ? sizeof(blk_q4_0) : (T) == T_Q4_1 ? sizeof(blk_q4_1) : sizeof(blk_q8_0))
 
-/* Integer block product of block blk (type T) with activation quants xq. */
+/* Integer block product of block blk (type T) with activation quants xq. Q4_0 is
+ * recentred to -8..7 and multiplied signed, as Q8_0 is, so no offset term is needed. */
 INLINE __m256i a32_dot(const uint8_t *blk, __m256i xq, const int T)
 {
     if (T == T_Q4_1) return dot_us(nib32(blk + 4), xq);
-    if (T == T_Q4_0) return dot_us(nib32(blk + 2), xq);
-    __m256i w = loadu(blk + 2);
+    __m256i w = T == T_Q4_0 ? _mm256_sub_epi8(nib32(blk + 2), _mm256_set1_epi8(8)) : loadu(blk + 2);
     return dot_us(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xq, w));
 }
 
@@ -126,7 +126,7 @@ INLINE void a32_rows_1(const uint8_t *w, size_t rb, const int R, const mm_act *a
                 dm = _mm_cvtph_ps(_mm_set1_epi16((short)h));
             }
             __m128 prod = _mm_mul_ps(dm, dsx);
-            if (T != T_Q8_0) macc[r] = _mm_add_ps(macc[r], prod);
+            if (T == T_Q4_1) macc[r] = _mm_add_ps(macc[r], prod);
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a32_dot(blk, xq, T)),
                                      _mm256_broadcastss_ps(prod), acc[r]);
         }
@@ -136,12 +136,11 @@ INLINE void a32_rows_1(const uint8_t *w, size_t rb, const int R, const mm_act *a
         float v = hsum_ps(acc[r]);
         float m = _mm_cvtss_f32(_mm_movehdup_ps(macc[r]));
         if (T == T_Q4_1) v += m;
-        if (T == T_Q4_0) v -= 8.0f * m;
         put(&y[r], add, v);
     }
 }
 
-/* R rows times 4 tokens; the offset terms come from off[r][b] (m, or -8 d) times s. */
+/* R rows times 4 tokens; Q4_1's offset terms come from off[r][b] = m times s. */
 INLINE void a32_tile_4(const uint8_t *w, size_t rb, const int R, const mm_act *a, int64_t nb,
                        const float *off, float *y, int64_t ldy, int add, const int T)
 {
@@ -159,7 +158,8 @@ INLINE void a32_tile_4(const uint8_t *w, size_t rb, const int R, const mm_act *a
             const uint8_t *blk = w + (size_t)r * rb + (size_t)b * bs;
             dv[r] = f16_bcast(blk);
             if (T == T_Q8_0) wv[r] = loadu(blk + 2);
-            else wv[r] = nib32(blk + (T == T_Q4_1 ? 4 : 2));
+            else if (T == T_Q4_0) wv[r] = _mm256_sub_epi8(nib32(blk + 2), _mm256_set1_epi8(8));
+            else wv[r] = nib32(blk + 4);
         }
         _Pragma("GCC unroll 8")
         for (int t = 0; t < 4; t++) {
@@ -167,7 +167,7 @@ INLINE void a32_tile_4(const uint8_t *w, size_t rb, const int R, const mm_act *a
             __m256 dx = _mm256_broadcast_ss(a[t].ds + 2 * b);
             _Pragma("GCC unroll 8")
             for (int r = 0; r < R; r++) {
-                __m256i p = T == T_Q8_0 ? dot_us(_mm256_sign_epi8(wv[r], wv[r]), _mm256_sign_epi8(xq, wv[r]))
+                __m256i p = T != T_Q4_1 ? dot_us(_mm256_sign_epi8(wv[r], wv[r]), _mm256_sign_epi8(xq, wv[r]))
                                         : dot_us(wv[r], xq);
                 acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dv[r], dx), acc[r][t]);
             }
@@ -178,7 +178,7 @@ INLINE void a32_tile_4(const uint8_t *w, size_t rb, const int R, const mm_act *a
         _Pragma("GCC unroll 8")
         for (int t = 0; t < 4; t++) {
             float v = hsum_ps(acc[r][t]);
-            if (T != T_Q8_0) {
+            if (T == T_Q4_1) {
                 __m256 m = _mm256_setzero_ps();
                 int64_t b = 0;
                 for (; b + 8 <= nb; b += 8)
@@ -204,12 +204,12 @@ INLINE void a32_kern(const uint8_t *w, size_t rb, int nr, const mm_act *a, int n
         int r = 0;
         for (; r + 2 <= nr || r < nr; r += 2) {
             int R = nr - r >= 2 ? 2 : 1;
-            if (T != T_Q8_0)
+            if (T == T_Q4_1)
                 _Pragma("GCC unroll 8")
                 for (int rr = 0; rr < R; rr++)
                     for (int64_t b = 0; b < nb; b++) {
                         const uint8_t *blk = w + (size_t)(r + rr) * rb + (size_t)b * bs;
-                        off[rr * nb + b] = T == T_Q4_1 ? f16(blk + 2) : -8.0f * f16(blk);
+                        off[rr * nb + b] = f16(blk + 2);
                     }
             for (t = 0; t + 4 <= nt; t += 4) {
                 if (R == 2) a32_tile_4(w + (size_t)r * rb, rb, 2, a + t, nb, off, y + t * ldy + r, ldy, add, T);
@@ -582,10 +582,10 @@ static void quant_a32(const float *x, int64_t n, int8_t *q, float *ds, float *s)
 {
     for (int64_t b = 0; b < n / QK32; b++) {
         float amax = absmax(x + 32 * b, 32);
-        float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
         int sum = hsum_epi32(quant32(x + 32 * b, _mm256_set1_ps(id), q + 32 * b));
-        ds[2 * b] = d;
-        ds[2 * b + 1] = s[b] = d * (float)sum;
+        ds[2 * b] = _cvtsh_ss(_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT));
+        ds[2 * b + 1] = s[b] = _cvtsh_ss(_cvtss_sh(d * (float)sum, _MM_FROUND_TO_NEAREST_INT));
     }
 }
 
@@ -594,8 +594,8 @@ static void quant_ak(const float *x, int64_t n, int8_t *q, float *d, int16_t *bs
     for (int64_t b = 0; b < n / QK_K; b++) {
         const float *xb = x + QK_K * b;
         float amax = absmax(xb, QK_K);
-        float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
-        d[b] = db;
+        float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        d[b] = amax != 0.0f ? 1.0f / id : 0.0f;
         __m256 idv = _mm256_set1_ps(id);
         for (int g = 0; g < QK_K / 32; g++) {
             quant32(xb + 32 * g, idv, q + QK_K * b + 32 * g);

@@ -8,8 +8,11 @@
 #include "kernels/dtype.h"
 
 /* One token's activations in every form a kernel may want (fields unused by the call's
- * weight types are NULL). A32: blocks of 32 int8 with d and s = d * sum(q) (for Q4_0,
- * Q4_1, Q8_0); AK: super-blocks of 256 int8 with d and sums of 16 (Q4_K, Q6_K). */
+ * weight types are NULL). A32: blocks of 32 int8 with d and s = d * sum(q), both rounded
+ * to f16 as GGUF's Q8_1 stores them (for Q4_0, Q4_1, Q8_0); AK: super-blocks of 256 int8
+ * with d and sums of 16 (Q4_K, Q6_K). The arithmetic follows llama.cpp's Q8_1 and Q8_K
+ * activation quantizers (scale 127/amax, round half to even, f16 d and s), so the
+ * products should agree with its own up to float summation order. */
 typedef struct {
     const float *f;         /* [n_in] f32 (F32/F16/BF16 weights) */
     const int8_t *q32;      /* A32 quants [n_in] */

@@ -4,7 +4,9 @@
  * Two references per case: (tight) the dequantized weights times the activations as the
  * kernels quantize them, which checks the integer kernels to float rounding; (loose) the
  * dequantized weights times the f32 activations, which bounds the activation
- * quantization error. Errors are normalized: ||y - ref||_2 / ||ref||_2 over the output.
+ * quantization error. Errors are normalized: ||y - ref||_2 over the output divided by
+ * the root of the sum of every product w_oi * x_ti squared (the scale of the inputs,
+ * which does not vanish when a dot product cancels).
  * The binary runs itself again with DUET_NO_AVX512=1 (AVX2 without VNNI) and with
  * DUET_NO_AVX2=1 (portable) to cover every path the processor has.
  */
@@ -85,7 +87,7 @@ static void free_weight(test_w *tw)
 
 /* x as the kernels see it for weight type t: quantized and dequantized (portable quantizers,
  * which the AVX2 ones match bit for bit). */
-static void act_as_kernel_sees(dtype_t t, const float *x, int64_t n, float *out)
+static void act_as_kernel_sees(dtype_t t, const float *x, int64_t n, float *out, float *s_corr)
 {
     const mm_impl *p = mm_impl_portable();
     int8_t *q = malloc((size_t)n);
@@ -96,6 +98,12 @@ static void act_as_kernel_sees(dtype_t t, const float *x, int64_t n, float *out)
     case DTYPE_Q4_0: case DTYPE_Q4_1: case DTYPE_Q8_0:
         p->quant_a32(x, n, q, ds, s);
         for (int64_t i = 0; i < n; i++) out[i] = ds[2 * (i / 32)] * (float)q[i];
+        /* Q4_1's offset term uses s (d * sum(q) rounded to f16), not d_f16 * sum(q) */
+        for (int64_t b = 0; b < n / 32; b++) {
+            int sum = 0;
+            for (int j = 0; j < 32; j++) sum += q[32 * b + j];
+            s_corr[b] = s[b] - ds[2 * b] * (float)sum;
+        }
         break;
     case DTYPE_Q4_K: case DTYPE_Q6_K:
         p->quant_ak(x, n, q, d, bs);
@@ -112,25 +120,31 @@ static void act_as_kernel_sees(dtype_t t, const float *x, int64_t n, float *out)
     free(q); free(ds); free(s); free(d); free(bs);
 }
 
-/* ref[t][o] = sum_i W[o][i] * x[t][i] in double. */
-static void reference(const test_w *tw, const float *x, int n_tok, double *ref)
+/* ref[t][o] = sum_i W[o][i] * x[t][i] in double; *scale (optional) = sqrt of the sum of
+ * every product squared, the size against which errors are normalized (unlike ||ref||
+ * it does not shrink when a dot product cancels). */
+static void reference(const test_w *tw, const float *x, int n_tok, double *ref, double *scale)
 {
+    double sq = 0;
     for (int t = 0; t < n_tok; t++)
         for (int64_t o = 0; o < tw->n_out; o++) {
             double s = 0;
-            for (int64_t i = 0; i < tw->n_in; i++) s += (double)tw->deq[o * tw->n_in + i] * x[t * tw->n_in + i];
+            for (int64_t i = 0; i < tw->n_in; i++) {
+                double p = (double)tw->deq[o * tw->n_in + i] * x[t * tw->n_in + i];
+                s += p;
+                sq += p * p;
+            }
             ref[t * tw->n_out + o] = s;
         }
+    if (scale) *scale = sqrt(sq);
 }
 
-static double rel_err(const float *y, const double *ref, int64_t n)
+/* ||y - ref|| / scale */
+static double rel_err(const float *y, const double *ref, int64_t n, double scale)
 {
-    double e = 0, r = 0;
-    for (int64_t i = 0; i < n; i++) {
-        e += (y[i] - ref[i]) * (y[i] - ref[i]);
-        r += ref[i] * ref[i];
-    }
-    return sqrt(e / (r > 0 ? r : 1));
+    double e = 0;
+    for (int64_t i = 0; i < n; i++) e += (y[i] - ref[i]) * (y[i] - ref[i]);
+    return sqrt(e) / (scale > 0 ? scale : 1);
 }
 
 static void check_case(dtype_t t, int64_t n_in, int64_t n_out, int n_tok, pool_t **pools, int n_pools,
@@ -139,17 +153,29 @@ static void check_case(dtype_t t, int64_t n_in, int64_t n_out, int n_tok, pool_t
     test_w tw;
     make_weight(&tw, t, n_in, n_out);
     int64_t nx = n_in * n_tok, ny = n_out * n_tok;
-    float *x = malloc(sizeof(float) * (size_t)nx), *xq = malloc(sizeof(float) * (size_t)nx);
+    float *x = malloc(sizeof(float) * (size_t)nx), *xq = calloc((size_t)nx, sizeof(float));
     float *y = malloc(sizeof(float) * (size_t)ny);
     double *ref = malloc(sizeof(double) * (size_t)ny), *refq = malloc(sizeof(double) * (size_t)ny);
     for (int64_t i = 0; i < nx; i++) x[i] = frand() * (i % 13 == 0 ? 3.0f : 1.0f);
-    for (int k = 0; k < n_tok; k++) act_as_kernel_sees(t, x + k * n_in, n_in, xq + k * n_in);
-    reference(&tw, x, n_tok, ref);
-    reference(&tw, xq, n_tok, refq);
+    float *corr = calloc((size_t)(n_tok * (n_in / 32 + 1)), sizeof(float));
+    for (int k = 0; k < n_tok; k++) act_as_kernel_sees(t, x + k * n_in, n_in, xq + k * n_in, corr + k * (n_in / 32 + 1));
+    double scale, scaleq;
+    reference(&tw, x, n_tok, ref, &scale);
+    reference(&tw, xq, n_tok, refq, &scaleq);
+    if (t == DTYPE_Q4_1) {
+        size_t rb = dtype_row_bytes(t, n_in);
+        for (int k = 0; k < n_tok; k++)
+            for (int64_t o = 0; o < n_out; o++)
+                for (int64_t b = 0; b < n_in / 32; b++) {
+                    const blk_q4_1 *blk = (const blk_q4_1 *)(tw.data + (size_t)o * rb) + b;
+                    refq[k * n_out + o] += (double)fp16_to_f32(blk->m) * corr[k * (n_in / 32 + 1) + b];
+                }
+    }
+    free(corr);
     for (int p = 0; p < n_pools; p++) {
         for (int64_t i = 0; i < ny; i++) y[i] = NAN;
         assert_int_equal(mm_matmul(pools[p], &tw.w, x, n_tok, y, ws), 0);
-        double et = rel_err(y, refq, ny), el = rel_err(y, ref, ny);
+        double et = rel_err(y, refq, ny, scaleq), el = rel_err(y, ref, ny, scale);
         if (et > TIGHT_BOUND || el > loose_bound(t) || isnan(et))
             print_error("%s n_in %lld n_out %lld n_tok %d threads %d (%s): tight %.3g loose %.3g\n",
                         dtype_name(t), (long long)n_in, (long long)n_out, n_tok, pool_size(pools[p]),
@@ -263,7 +289,7 @@ static void test_multi(void **state)
         for (int j = 0; j < 4; j++) {
             ys[j] = malloc(sizeof(float) * (size_t)(ldy * n_tok));
             refs[j] = malloc(sizeof(double) * (size_t)(outs[j] * n_tok));
-            reference(&tw[j], xn, n_tok, refs[j]);
+            reference(&tw[j], xn, n_tok, refs[j], NULL);
             jobs[j] = (mm_job){.w = &tw[j].w, .y = ys[j], .ldy = ldy, .add = j == 1};
         }
         mm_input in = {.x = x, .n_tok = n_tok, .ldx = ldx, .rms_w = rms_w, .rms_eps = 1e-5f};
