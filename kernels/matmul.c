@@ -422,8 +422,11 @@ int mm_run_th(pool_t *pool, int ith, int nth, const mm_input *in, const mm_job *
             }
             for (int64_t r = r0; r < r1; r += ROW_TILE) {
                 int nr = (int)(r1 - r < ROW_TILE ? r1 - r : ROW_TILE);
-                kern((const uint8_t *)w->data + (size_t)r * rb, rb, nr, acts, nt, n_in,
-                     jobs[j].y + (int64_t)t0 * ldy + r, ldy, jobs[j].add);
+                float *y = jobs[j].y + (int64_t)t0 * ldy + r;
+                kern((const uint8_t *)w->data + (size_t)r * rb, rb, nr, acts, nt, n_in, y, ldy, jobs[j].add);
+                if (jobs[j].bias)
+                    for (int t = 0; t < nt; t++)
+                        for (int k = 0; k < nr; k++) y[t * ldy + k] += jobs[j].bias[r + k];
             }
         }
     }

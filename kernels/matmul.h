@@ -60,6 +60,7 @@ typedef struct {
     float *y;             /* [n_tok][ldy]: the first w->n_out columns of each row are written */
     int64_t ldy;          /* row stride of y in floats; 0 means w->n_out */
     int add;              /* 0: y = x·Wᵀ; 1: y += x·Wᵀ (residual connections) */
+    const float *bias;    /* NULL, or [w->n_out] added to every output row (qwen2's Q/K/V) */
 } mm_job;
 
 /* y[t][o] = sum_i x[t][i] * W[o][i]. x: [n_tok][w->n_in], y: [n_tok][w->n_out].

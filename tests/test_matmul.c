@@ -274,7 +274,8 @@ static void test_multi(void **state)
     for (int n_tok = 1; n_tok <= 70; n_tok += 23) {
         const int64_t ldx = n_in + 3, ldy = 100;
         float *x = malloc(sizeof(float) * (size_t)(ldx * n_tok)), *xn = malloc(sizeof(float) * (size_t)(n_in * n_tok));
-        float *rms_w = malloc(sizeof(float) * n_in);
+        float *rms_w = malloc(sizeof(float) * n_in), bias[64];
+        for (int i = 0; i < 64; i++) bias[i] = frand() * 10.0f;
         for (int64_t i = 0; i < ldx * n_tok; i++) x[i] = frand() * 2.0f;
         for (int64_t i = 0; i < n_in; i++) rms_w[i] = 0.5f + frand() * 0.25f;
         for (int t = 0; t < n_tok; t++) {
@@ -290,7 +291,10 @@ static void test_multi(void **state)
             ys[j] = malloc(sizeof(float) * (size_t)(ldy * n_tok));
             refs[j] = malloc(sizeof(double) * (size_t)(outs[j] * n_tok));
             reference(&tw[j], xn, n_tok, refs[j], NULL);
-            jobs[j] = (mm_job){.w = &tw[j].w, .y = ys[j], .ldy = ldy, .add = j == 1};
+            jobs[j] = (mm_job){.w = &tw[j].w, .y = ys[j], .ldy = ldy, .add = j == 1, .bias = j == 2 ? bias : NULL};
+            if (j == 2)
+                for (int t = 0; t < n_tok; t++)
+                    for (int64_t o = 0; o < outs[j]; o++) refs[j][t * outs[j] + o] += bias[o];
         }
         mm_input in = {.x = x, .n_tok = n_tok, .ldx = ldx, .rms_w = rms_w, .rms_eps = 1e-5f};
         for (int p = 0; p < 4; p++) {
