@@ -191,8 +191,10 @@ typedef struct {
     section skip;       /* current after a header that could not be registered */
     int group_headers;  /* [group ...] headers seen, valid or not */
 
-    char *errs;         /* error lines, '\n'-separated */
-    size_t errs_len, errs_cap;
+    struct {
+        int line;       /* 0: about the whole file */
+        char *msg;      /* owned */
+    } errs[CONFIG_MAX_ERRORS]; /* the first errors found */
     int n_err;
     bool oom;
 } ctx;
@@ -210,21 +212,13 @@ static void add_err(ctx *c, int line, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(msg + k, sizeof msg - (size_t)k, fmt, ap);
     va_end(ap);
-    size_t n = strlen(msg);
-    if (c->errs_len + n + 2 > c->errs_cap) {
-        size_t cap = c->errs_cap ? c->errs_cap * 2 : 1024;
-        while (cap < c->errs_len + n + 2) cap *= 2;
-        char *p = realloc(c->errs, cap);
-        if (!p) {
-            c->oom = true;
-            return;
-        }
-        c->errs = p;
-        c->errs_cap = cap;
+    char *m = strdup(msg);
+    if (!m) {
+        c->oom = true;
+        return;
     }
-    if (c->errs_len) c->errs[c->errs_len++] = '\n';
-    memcpy(c->errs + c->errs_len, msg, n + 1);
-    c->errs_len += n;
+    c->errs[c->n_err - 1].line = line;
+    c->errs[c->n_err - 1].msg = m;
 }
 
 /* "[model]", "[group main]" */
@@ -803,6 +797,12 @@ static char *reader(char *str, int num, void *stream)
     while (n && isspace((unsigned char)line[n - 1])) n--;
 
     size_t max = num - 2 < CONFIG_MAX_LINE ? (size_t)(num > 2 ? num - 2 : 0) : CONFIG_MAX_LINE;
+    if (n == 0 || *line == ';' || *line == '#') {
+        /* blank or comment, of any length: libinih needs to see nothing of it */
+        c->last_kind = LINE_BLANK;
+        snprintf(str, (size_t)num, "\n");
+        return str;
+    }
     if (n > max) {
         add_err(c, c->lineno, "line of %zu characters is too long (expected at most %zu)", n, max);
         /* keys that follow belong to a section we may not know */
@@ -814,9 +814,7 @@ static char *reader(char *str, int num, void *stream)
     str[n] = '\n';
     str[n + 1] = 0;
 
-    if (n == 0 || *line == ';' || *line == '#') {
-        c->last_kind = LINE_BLANK;
-    } else if (*line == '[') {
+    if (*line == '[') {
         c->last_kind = LINE_HEADER;
         const char *close = memchr(line, ']', n);
         if (!close) {
@@ -877,6 +875,10 @@ static int handler(void *user, const char *section_name, const char *key, const 
     }
     if (s->bad) return 1;
     sec_label(s, lab, sizeof lab);
+    if (!*key) {
+        add_err(c, line, "%s: syntax error: no key before '=' (expected 'key = value')", lab);
+        return 1;
+    }
 
     int idx = param_index(s->kind, key);
     if (idx < 0) {
@@ -1026,10 +1028,15 @@ static void check_groups(ctx *c)
             char ex[64];
             devices_example(g, ex, sizeof ex);
             bool dev_set = s->key_line[param_index(SEC_GROUP, "devices")] != 0;
+            char want[48];
+            if (g->tp_size == 1)
+                snprintf(want, sizeof want, "one device");
+            else
+                snprintf(want, sizeof want, "%d comma-separated devices", g->tp_size);
             add_err(c, kline(s, dev_set ? "devices" : "tp_size"),
-                    "[group %s] %s: %d device%s for tp_size %d (expected %d comma-separated devices, e.g. %s)",
-                    name, dev_set ? "devices" : "tp_size", g->n_devices, g->n_devices == 1 ? "" : "s",
-                    g->tp_size, g->tp_size, ex);
+                    "[group %s] %s: %d device%s for tp_size %d (expected %s, e.g. %s)", name,
+                    dev_set ? "devices" : "tp_size", g->n_devices, g->n_devices == 1 ? "" : "s",
+                    g->tp_size, want, ex);
         }
         if (!kbad(s, "transport") && !kbad(s, "devices") && g->transport == CONFIG_TRANSPORT_NCCL &&
             g->n_devices > 0 && g->devices[0].kind != CONFIG_DEV_CUDA)
@@ -1140,7 +1147,21 @@ static void report(ctx *c, char *err, size_t errlen)
 {
     if (!err || !errlen) return;
     err[0] = 0;
-    size_t k = (size_t)snprintf(err, errlen, "%s", c->errs ? c->errs : "");
+    /* in line order, stable; whole-file errors last */
+    int n = c->n_err < CONFIG_MAX_ERRORS ? c->n_err : CONFIG_MAX_ERRORS, order[CONFIG_MAX_ERRORS];
+    for (int i = 0; i < n; i++) {
+        int j = i, key = c->errs[i].line ? c->errs[i].line : INT32_MAX;
+        for (; j > 0; j--) {
+            int prev = c->errs[order[j - 1]].line ? c->errs[order[j - 1]].line : INT32_MAX;
+            if (prev <= key) break;
+            order[j] = order[j - 1];
+        }
+        order[j] = i;
+    }
+    size_t k = 0;
+    for (int i = 0; i < n && k < errlen; i++)
+        if (c->errs[order[i]].msg)
+            k += (size_t)snprintf(err + k, errlen - k, "%s%s", k ? "\n" : "", c->errs[order[i]].msg);
     if (k < errlen && c->oom)
         k += (size_t)snprintf(err + k, errlen - k, "%s%s: out of memory", k ? "\n" : "", c->file);
     if (k < errlen && c->n_err > CONFIG_MAX_ERRORS)
@@ -1184,7 +1205,7 @@ int config_parse(const char *text, const char *filename, duet_config **out, char
     *out = c.cfg;
     for (int i = 0; c.secs && i < c.n_secs; i++) free(c.secs[i].name);
     free(c.secs);
-    free(c.errs);
+    for (int i = 0; i < c.n_err && i < CONFIG_MAX_ERRORS; i++) free(c.errs[i].msg);
     return rc;
 }
 

@@ -13,8 +13,8 @@
  *
  * Syntax (libinih): "key = value" lines, "[section]" headers, comments on lines of
  * their own starting with ';' or '#', inline comments after " ;". Values are one line
- * (leading whitespace is ignored, so there are no continuation lines); lines are at
- * most CONFIG_MAX_LINE characters. Each section appears once, each key at most once.
+ * (leading whitespace is ignored, so there are no continuation lines); lines other
+ * than comments are at most CONFIG_MAX_LINE characters. Each section appears once, each key at most once.
  * Unknown sections and keys are errors. Sizes (kv_budget, client_buffer_bytes) take
  * the binary suffixes K, M, G, T or KiB, MiB, GiB, TiB (all powers of 1024, any case).
  *

@@ -348,10 +348,18 @@ static void test_syntax_errors(void **state)
                         NULL);
     assert_int_equal(n, 5);
 
-    char long_line[400];
-    snprintf(long_line, sizeof long_line, BASE "name = %0300d\n", 0);
-    expect_errs(state, long_line,
-                "test.conf:5: line of 307 characters is too long (expected at most 196)", NULL);
+    char long_line[800];
+    snprintf(long_line, sizeof long_line, BASE "name = %0300d\n= 3\n", 0);
+    n = expect_errs(state, long_line,
+                    "test.conf:5: line of 307 characters is too long (expected at most 196)",
+                    "test.conf:6: [group main]: syntax error: no key before '=' (expected 'key = value')",
+                    NULL);
+    assert_int_equal(n, 2);
+    /* long comments are fine, and none of their text is read */
+    snprintf(long_line, sizeof long_line, "; %0300d\n" BASE "# %0250d tp_size = 2\n", 0, 0);
+    duet_config *cfg = parse_ok(state, long_line);
+    assert_int_equal(cfg->groups[0].tp_size, 1);
+    config_free(&cfg);
 }
 
 /* ---- values of each type ----------------------------------------------------------- */
@@ -637,6 +645,23 @@ static void test_cross_checks(void **state)
                     "test.conf:8: [daemon] max_tokens_limit: 101 is above [model] max_context 100 (expected at most 100)",
                     NULL);
     assert_int_equal(n, 2);
+
+    /* errors come in line order, whole-file ones last, whatever check found them */
+    char err[ERRLEN];
+    duet_config *cfg2 = NULL;
+    assert_int_equal(parse(state, "[model]\npath = @M\n[group a]\nrole = prefill\n"
+                                  "devices = cuda:0,cuda:1\n[daemon]\nlog_level = loud\n",
+                           &cfg2, err),
+                     -1);
+    assert_string_equal(err,
+                        "test.conf:4: [group a] role: a prefill group needs a group to decode (expected another group with role = decode, or role = both)\n"
+                        "test.conf:5: [group a] devices: 2 devices for tp_size 1 (expected one device, e.g. cuda:0)\n"
+                        "test.conf:7: [daemon] log_level: unknown value 'loud' (expected one of error|warn|info|debug)");
+    assert_int_equal(parse(state, "[group a]\nrole = decode\ntp_size = x\n", &cfg2, err), -1);
+    assert_string_equal(err,
+                        "test.conf:2: [group a] role: a decode group needs a group to prefill (expected another group with role = prefill, or role = both)\n"
+                        "test.conf:3: [group a] tp_size: 'x' is not an integer (expected an integer in 1..64)\n"
+                        "test.conf: missing section [model] (expected at least: [model] with path = FILE.gguf)");
 
     /* data ports: rank r of a group listens on its base port + r */
     n = expect_errs(state,
