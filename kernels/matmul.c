@@ -356,6 +356,10 @@ static void quantize_tokens(const mm_impl *impl, const mm_input *in, int64_t n_i
     for (int t = t0; t < t1; t++) {
         mm_act a = act_of(slot, sz, n_in, in->n_tok, t);
         const float *x = in->x + (int64_t)t * ldx;
+        if (in->up) {
+            ops_swiglu((float *)a.f, x, in->up + (int64_t)t * ldx, n_in);
+            x = a.f;
+        }
         if (in->rms_w) {
             ops_rmsnorm((float *)a.f, x, in->rms_w, n_in, in->rms_eps);
             x = a.f;
@@ -418,7 +422,7 @@ int mm_run_th(pool_t *pool, int ith, int nth, const mm_input *in, const mm_job *
             int nt = n_tok - t0 < TOK_BLOCK ? n_tok - t0 : TOK_BLOCK;
             for (int t = 0; t < nt; t++) {
                 acts[t] = act_of(slot, &sz, n_in, n_tok, t0 + t);
-                if (!in->rms_w) acts[t].f = in->x + (int64_t)(t0 + t) * ldx;
+                if (!in->rms_w && !in->up) acts[t].f = in->x + (int64_t)(t0 + t) * ldx;
             }
             for (int64_t r = r0; r < r1; r += ROW_TILE) {
                 int nr = (int)(r1 - r < ROW_TILE ? r1 - r : ROW_TILE);

@@ -52,6 +52,9 @@ typedef struct {
     int64_t ldx;          /* row stride of x in floats; 0 means n_in */
     const float *rms_w;   /* NULL, or [n_in]: multiply by rmsnorm(x_t) * rms_w instead of x_t */
     float rms_eps;        /* epsilon of that RMS norm */
+    const float *up;      /* NULL, or [n_tok][ldx] like x: multiply by silu(x_t) * up_t
+                           * instead of x_t (SwiGLU fused into the down projection; applied
+                           * before rms_w when both are set) */
 } mm_input;
 
 /* One weight and its output. */

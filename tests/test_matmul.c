@@ -342,6 +342,34 @@ static void test_multi(void **state)
     for (int j = 0; j < 4; j++) free_weight(&tw[j]);
 }
 
+/* SwiGLU fused into the input: silu(g) * u times W, against the reference on that vector. */
+static void test_swiglu_input(void **state)
+{
+    fixture *f = *state;
+    const int64_t n_in = 512, n_out = 40;
+    test_w tw;
+    make_weight(&tw, DTYPE_Q4_1, n_in, n_out);
+    for (int n_tok = 1; n_tok <= 70; n_tok += 69) {
+        float *g = malloc(sizeof(float) * (size_t)(n_in * n_tok)), *u = malloc(sizeof(float) * (size_t)(n_in * n_tok));
+        float *h = malloc(sizeof(float) * (size_t)(n_in * n_tok)), *y = malloc(sizeof(float) * (size_t)(n_out * n_tok));
+        double *ref = malloc(sizeof(double) * (size_t)(n_out * n_tok)), scale;
+        for (int64_t i = 0; i < n_in * n_tok; i++) {
+            g[i] = frand() * 4.0f;
+            u[i] = frand();
+            h[i] = (float)(g[i] / (1.0 + exp(-(double)g[i])) * u[i]);
+        }
+        reference(&tw, h, n_tok, ref, &scale);
+        mm_input in = {.x = g, .up = u, .n_tok = n_tok};
+        mm_job job = {.w = &tw.w, .y = y};
+        for (int p = 0; p < 4; p++) {
+            assert_int_equal(mm_run(f->pools[p], &in, &job, 1, f->ws), 0);
+            assert_true(rel_err(y, ref, n_out * n_tok, scale) < loose_bound(DTYPE_Q4_1));
+        }
+        free(g); free(u); free(h); free(y); free(ref);
+    }
+    free_weight(&tw);
+}
+
 static void test_errors(void **state)
 {
     fixture *f = *state;
@@ -440,7 +468,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_q4_0), cmocka_unit_test(test_q4_1), cmocka_unit_test(test_q8_0),
         cmocka_unit_test(test_q4_k), cmocka_unit_test(test_q6_k), cmocka_unit_test(test_f32),
         cmocka_unit_test(test_f16),  cmocka_unit_test(test_bf16), cmocka_unit_test(test_multi),
-        cmocka_unit_test(test_errors), cmocka_unit_test(test_pool),
+        cmocka_unit_test(test_swiglu_input), cmocka_unit_test(test_errors), cmocka_unit_test(test_pool),
     };
     fprintf(stderr, "test_matmul: %s path\n", cpu_path_name());
     int rc = cmocka_run_group_tests_name(cpu_use_vnni() ? "matmul_avx2_vnni" : cpu_use_avx2() ? "matmul_avx2" : "matmul_portable", tests, setup, teardown);
