@@ -460,7 +460,14 @@ static void fail_kv(sched_t *s, req_t *r)
     end_req(s, r, SCHED_EV_FAILED, 0, msg);
 }
 
-/* Build this step's batch; returns its number of entries. */
+/* Build this step's batch; returns its number of entries.
+ *
+ * Progress: the oldest running sequence is never a victim (a decode preempts only newer
+ * ones, and itself only when it is the newest), and sched_add admitted only requests that
+ * fit the pool alone, so it always gets its blocks. At most one sequence is left
+ * partially prefilled by a step, and it is the newest: a chunk cut short by the budget
+ * leaves no budget to admit anyone after it, and one cut short by the KV leaves no block.
+ * So a prefill that waits for blocks waits for older decodes, which finish or preempt it. */
 static int plan(sched_t *s)
 {
     kv_cache_t *kv = s->kv;

@@ -14,8 +14,12 @@
  * Fidelity: a request's tokens are those of client/generate.c's single-sequence loop for
  * the same prompt and parameters (same model_forward, sampler history = prompt + tokens
  * generated so far, one PRNG per request), as long as model_forward gives every token
- * row the same logits whatever the batch around it (true for F32/F16/BF16 weights; see
- * the notes in tests/test_sched.c about quantized weights).
+ * row the same logits bit for bit whatever the batch around it and however the prompt
+ * is chunked. That holds for F32/F16/BF16 weights and for the portable kernels; the
+ * AVX2 kernels of the quantized types use another summation order for tiles of 4
+ * tokens, so there batched logits differ in their last bits and a near tie can flip a
+ * token (measured on SmolLM2 Q4_1 with random prompts: 6 of 16 greedy outputs diverge;
+ * 0 of 16 with DUET_NO_AVX2=1).
  *
  * Prefix caching: on admission the longest cached prefix of the prompt (all but its
  * last token) is attached instead of computed; the cached prompt tokens are reported
@@ -123,7 +127,7 @@ typedef struct {
     uint64_t steps;              /* forward passes run */
     uint64_t preemptions;        /* sequences preempted (each time counts) */
     uint64_t tokens_prefilled;   /* tokens run as prefill chunks (recomputation included) */
-    uint64_t tokens_recomputed;  /* of those, tokens computed again after a preemption */
+    uint64_t tokens_recomputed;  /* tokens computed again after a preemption */
     uint64_t tokens_decoded;     /* tokens generated */
     uint64_t tokens_cached;      /* prompt tokens attached from the prefix cache (first admissions) */
     uint64_t requests_finished;  /* FINISHED events (cancelled included) */
