@@ -133,8 +133,11 @@ test: all
 asan:
 	$(MAKE) BUILD=$(BUILD)/asan ASAN=1 CUDA=0 OPT=-O1 test
 
-bench: all
-	@BUILD=$(BUILD) scripts/run-bench $(BENCH_BIN)
+# The C micro-benchmarks, then the engine against llama.cpp (installed by setup --bench).
+bench: all $(DEFAULT_MODEL)
+	scripts/setup --bench
+	@BUILD=$(BUILD) scripts/run-bench $(filter-out %/bench_model,$(BENCH_BIN))
+	@BUILD=$(BUILD) scripts/bench-model
 
 setup:
 	scripts/setup
