@@ -23,6 +23,7 @@ ifeq ($(origin CUDA),undefined)
   CUDA := $(if $(NVCC),1,0)
 endif
 ASAN      ?= 0
+DEFAULT_MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
 PKGS      := libpcre2-8 libzmq jansson inih libsystemd libcrypto
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
@@ -142,7 +143,6 @@ bench: all $(DEFAULT_MODEL)
 setup:
 	scripts/setup
 
-DEFAULT_MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 model: $(DEFAULT_MODEL)
 $(DEFAULT_MODEL):
 	scripts/fetch-model
