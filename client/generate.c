@@ -222,30 +222,22 @@ static int make_prompt(const gen_opts *o, const model_t *m, const tok_t *tok, in
     char *text = NULL;
     const char *src = o->prompt;
     if (o->chat) {
-        chat_style style;
         char err[256];
-        if (o->chat_style) {
-            if (chat_style_from_name(o->chat_style, &style) != 0) {
-                fprintf(stderr, "duet generate: --chat-style '%s' is not chatml, llama2 or llama3\n",
-                        o->chat_style);
-                return -1;
-            }
-        } else {
-            char *tmpl = gguf_get_str_dup(model_gguf(m), "tokenizer.chat_template");
-            int rc = tmpl ? chat_style_from_template(tmpl, &style) : -1;
-            free(tmpl);
-            if (rc != 0) {
-                fprintf(stderr, "duet generate: %s: %s; name one with --chat-style chatml|llama2|llama3\n",
-                        o->model, tmpl ? "the chat template is not one duet recognises"
-                                       : "the model has no chat template");
-                return -1;
-            }
+        char *tmpl = gguf_get_str_dup(model_gguf(m), "tokenizer.chat_template");
+        chat_template ct;
+        int rc = chat_template_init(&ct, tmpl, o->chat_style, err, sizeof err);
+        free(tmpl);
+        if (rc != 0) {
+            fprintf(stderr, "duet generate: %s: %s\n", o->model, err);
+            return -1;
         }
         chat_msg msgs[2];
         int nm = 0;
         if (o->system) msgs[nm++] = (chat_msg){.role = "system", .content = o->system};
         msgs[nm++] = (chat_msg){.role = "user", .content = o->prompt};
-        if (chat_render(style, msgs, nm, 1, &text, err, sizeof err) != 0) {
+        rc = chat_template_render(&ct, msgs, nm, 1, &text, err, sizeof err);
+        chat_template_free(&ct);
+        if (rc != 0) {
             fprintf(stderr, "duet generate: chat template: %s\n", err);
             return -1;
         }
