@@ -493,7 +493,7 @@ int proto_send_error(void *sock, const proto_route *route, proto_kind kind, cons
 
 int proto_socket_options(void *sock, proto_side side, int heartbeat_ms)
 {
-    int zero = 0, one = 1;
+    int zero = 0, one = 1, sndtimeo = PROTO_SEND_TIMEOUT_MS;
     int64_t maxsize = PROTO_MAX_SOCKET_MSG;
     if (!sock) {
         errno = EINVAL;
@@ -501,6 +501,7 @@ int proto_socket_options(void *sock, proto_side side, int heartbeat_ms)
     }
     if (zmq_setsockopt(sock, ZMQ_LINGER, &zero, sizeof zero) < 0) return -1;
     if (zmq_setsockopt(sock, ZMQ_MAXMSGSIZE, &maxsize, sizeof maxsize) < 0) return -1;
+    if (zmq_setsockopt(sock, ZMQ_SNDTIMEO, &sndtimeo, sizeof sndtimeo) < 0) return -1;
     if (side == PROTO_SIDE_DUETD_CLIENTS || side == PROTO_SIDE_DUETD_WORKERS) {
         if (zmq_setsockopt(sock, ZMQ_ROUTER_MANDATORY, &one, sizeof one) < 0) return -1;
     } else {

@@ -68,6 +68,7 @@
 #define PROTO_MAX_INT 9007199254740991LL /* 2^53 - 1: largest rid, xfer, seq, seed (exact in
                                             every JSON implementation) */
 #define PROTO_MAX_TOKEN_ID 2147483647    /* token ids are in [0, 2^31 - 1] */
+#define PROTO_SEND_TIMEOUT_MS 5000       /* ZMQ_SNDTIMEO that proto_socket_options sets */
 
 /* ---- protocols, sides, commands ------------------------------------------------------ */
 
@@ -262,7 +263,8 @@ int proto_send_error(void *sock, const proto_route *route, proto_kind kind, cons
                      int flags);
 
 /* Socket options for a protocol socket of side: ZMQ_LINGER 0, ZMQ_MAXMSGSIZE
- * PROTO_MAX_SOCKET_MSG; on duetd's sides ZMQ_ROUTER_MANDATORY (sends to a gone peer fail
+ * PROTO_MAX_SOCKET_MSG, ZMQ_SNDTIMEO PROTO_SEND_TIMEOUT_MS (so a send without
+ * ZMQ_DONTWAIT fails with EAGAIN instead of waiting forever); on duetd's sides ZMQ_ROUTER_MANDATORY (sends to a gone peer fail
  * with EHOSTUNREACH instead of vanishing) and, with heartbeat_ms > 0, ZMTP heartbeats
  * (ZMQ_HEARTBEAT_IVL heartbeat_ms, ZMQ_HEARTBEAT_TIMEOUT 4 intervals) so dead TCP peers
  * are noticed; on client/worker sides ZMQ_IMMEDIATE and, with heartbeat_ms > 0, the same

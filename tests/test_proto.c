@@ -1072,6 +1072,59 @@ static void test_worker_schemas(void **state)
     run_schema_cases(PROTO_T_COMM_ID, comm_id, 1);
 }
 
+/* What duetd does with a generate whose body breaks the schema, end to end over TCP: the
+ * message decodes, the parse fails with bad_request naming the field, and the client
+ * gets an `error` carrying its request id and the command. */
+static void test_bad_generate_over_socket(void **state)
+{
+    (void)state;
+    pair_t p;
+    pair_open(&p, "tcp://127.0.0.1:*", PROTO_SIDE_DUETD_CLIENTS);
+    static const struct {
+        const char *body;
+        const char *needle;
+    } cases[] = {
+        {"{\"id\":\"q1\",\"prompt\":\"hi\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}",
+         "give exactly one of 'prompt', 'messages', 'tokens' (got prompt and messages)"},
+        {"{\"id\":\"q2\",\"prompt\":\"hi\",\"sampling\":{\"temperature\":-1}}",
+         "field 'sampling.temperature' must be >= 0 (got -1)"},
+        {"{\"id\":\"q3\",\"prompt\":\"hi\",\"max_tokens\":\"many\"}",
+         "field 'max_tokens' must be an integer (got string)"},
+        {"{\"id\":\"q4\",\"prompt\":[\"hi\"]}", "field 'prompt' must be a string (got array)"},
+        {"{\"id\":\"q5\",\"tokens\":[1,-5]}", "field 'tokens[1]' must be in [0, 2147483647] (got -5)"},
+        {"{\"id\":\"q6\",\"prompt\":\"hi\",\"stop\":[\"\"]}", "field 'stop[0]' must be 1 to 256 bytes long"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        send_strs(p.dealer, 3, PROTO_CLIENT_TAG, "generate", cases[i].body);
+        proto_msg msg = {0};
+        proto_err err;
+        assert_int_equal(proto_recv(p.router, PROTO_SIDE_DUETD_CLIENTS, 1, WAIT_MS, &msg, &err), PROTO_OK);
+        assert_int_equal(proto_msg_type(&msg, PROTO_SIDE_DUETD_CLIENTS), PROTO_T_GENERATE);
+        proto_generate g;
+        assert_int_equal(proto_generate_parse(msg.body, &g, &err), -1);
+        assert_int_equal(err.code, PROTO_ERR_BAD_REQUEST);
+        assert_true(contains(err.message, cases[i].needle));
+        assert_int_equal(proto_send_error(p.router, &msg.route, PROTO_CLIENT, &err, ZMQ_DONTWAIT), 0);
+        proto_msg_clear(&msg);
+
+        proto_msg reply = {0};
+        assert_int_equal(proto_recv(p.dealer, PROTO_SIDE_CLIENT, 0, WAIT_MS, &reply, &err), PROTO_OK);
+        assert_int_equal(reply.cmd, PROTO_CMD_ERROR);
+        proto_error e;
+        assert_int_equal(proto_error_parse(reply.body, &e, &err), 0);
+        char want_id[8];
+        snprintf(want_id, sizeof want_id, "q%zu", i + 1);
+        assert_string_equal(e.id, want_id);
+        assert_int_equal(e.code, PROTO_ERR_BAD_REQUEST);
+        assert_string_equal(e.command, "generate");
+        assert_true(contains(e.message, cases[i].needle));
+        assert_true(contains(e.message, "generate: "));
+        proto_error_free(&e);
+        proto_msg_clear(&reply);
+    }
+    pair_close(&p);
+}
+
 /* ---- timeouts, ownership, arguments --------------------------------------------------------- */
 
 static double now_ms(void)
@@ -1480,6 +1533,7 @@ int main(void)
         cmocka_unit_test(test_malformed_worker),
         cmocka_unit_test(test_wrong_direction_at_peer),
         cmocka_unit_test(test_generate_schema),
+        cmocka_unit_test(test_bad_generate_over_socket),
         cmocka_unit_test(test_client_small_schemas),
         cmocka_unit_test(test_worker_schemas),
         cmocka_unit_test(test_recv_timeout),
