@@ -260,7 +260,10 @@ static void run_golden(const char *name)
         golden_close(&g);
         skip();
     }
-    if (rc != 0) fail_msg("golden %s: %s", name, why);
+    if (rc != 0) {
+        golden_close(&g);
+        fail_msg("golden %s: %s", name, why);
+    }
     model_t *m = NULL;
     char err[512];
     if (model_load(g.model, 0, 1, &m, err, sizeof err) != 0) fail_msg("%s", err);
