@@ -5,6 +5,9 @@
  * these ranges) and madd (to int32, optionally times the K-quant sub-block scales).
  * Two shapes per type: up to 4 rows times 1 token (decode: every weight byte is used
  * once) and tiles of rows times 4 tokens (prefill: unpacked weights are reused 4 times).
+ * Both shapes do the same float operations in the same order for every (row, token), so
+ * a token's outputs are bit-identical whatever the batch around it (the scheduler's
+ * fidelity relies on it; tests/test_matmul.c checks it).
  */
 #include "kernels/matmul_internal.h"
 
@@ -146,7 +149,9 @@ INLINE void a32_rows_1(const uint8_t *w, size_t rb, const int R, const mm_act *a
     }
 }
 
-/* R rows times 4 tokens; Q4_1's offset terms come from off[r][b] = m times s. */
+/* R rows times 4 tokens; Q4_1's offset terms come from off[r][b] = m times s.
+ * Every (row, token) result is computed with exactly the float operations, in the same
+ * order, of a32_rows_1: a token's output does not depend on the batch around it. */
 INLINE void a32_tile_4(const uint8_t *w, size_t rb, const int R, const mm_act *a, int64_t nb,
                        const float *off, float *y, int64_t ldy, int add, const int T)
 {
@@ -185,12 +190,11 @@ INLINE void a32_tile_4(const uint8_t *w, size_t rb, const int R, const mm_act *a
         for (int t = 0; t < 4; t++) {
             float v = hsum_ps(acc[r][t]);
             if (T == T_Q4_1) {
-                __m256 m = _mm256_setzero_ps();
-                int64_t b = 0;
-                for (; b + 8 <= nb; b += 8)
-                    m = _mm256_fmadd_ps(_mm256_loadu_ps(off + r * nb + b), _mm256_loadu_ps(a[t].s + b), m);
-                v += hsum_ps(m);
-                for (; b < nb; b++) v += off[r * nb + b] * a[t].s[b];
+                /* the same operations, in the same order, as a32_rows_1 (batch invariance) */
+                __m128 m = _mm_setzero_ps();
+                for (int64_t b = 0; b < nb; b++)
+                    m = _mm_add_ss(m, _mm_mul_ss(_mm_set_ss(off[r * nb + b]), _mm_set_ss(a[t].s[b])));
+                v += _mm_cvtss_f32(m);
             }
             put(&y[t * ldy + r], add, v);
         }
@@ -284,7 +288,6 @@ INLINE void q4k_rows_1(const uint8_t *w, size_t rb, const int R, const mm_act *a
     for (int r = 0; r < R; r++) {
         const blk_q4_k *blk = (const blk_q4_k *)(w + (size_t)r * rb);
         __m256 acc = _mm256_setzero_ps();
-        __m128 macc = _mm_setzero_ps();
         for (int64_t i = 0; i < nsb; i++) {
             const blk_q4_k *b = blk + i;
             const int8_t *x = a->qk + i * QK_K;
@@ -300,14 +303,13 @@ INLINE void q4k_rows_1(const uint8_t *w, size_t rb, const int R, const mm_act *a
                 __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, loadu(x + 64 * c + 32)), word_bcast(sc, 2 * c + 1));
                 sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p0, p1));
             }
-            float dx = a->dk[i];
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(f16((const uint8_t *)&b->d) * dx), acc);
-            __m128 mt = _mm_cvtepi32_ps(q4k_min_term(mins16, a->bsums + i * 16));
-            macc = _mm_fmadd_ps(mt, _mm_set1_ps(f16((const uint8_t *)&b->dmin) * dx), macc);
+            /* the same operations as q4k_tile_4 (batch invariance) */
+            float dx = a->dk[i], d = f16((const uint8_t *)&b->d), dmin = f16((const uint8_t *)&b->dmin);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi), _mm256_set1_ps(d * dx), acc);
+            __m128i mt = q4k_min_term(mins16, a->bsums + i * 16);
+            acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(_mm256_zextsi128_si256(mt)), _mm256_set1_ps(dmin * dx), acc);
         }
-        __m128 ms = _mm_add_ps(macc, _mm_movehl_ps(macc, macc));
-        ms = _mm_add_ss(ms, _mm_movehdup_ps(ms));
-        put(&y[r], add, hsum_ps(acc) - _mm_cvtss_f32(ms));
+        put(&y[r], add, hsum_ps(acc));
     }
 }
 

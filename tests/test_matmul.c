@@ -370,6 +370,36 @@ static void test_swiglu_input(void **state)
     free_weight(&tw);
 }
 
+/* A token's outputs are bit-identical whatever the batch around it: every row of a
+ * 9-token product (tiles of 4 plus a single) equals that token computed alone, for every
+ * type, thread count and code path. */
+static void test_batch_invariance(void **state)
+{
+    fixture *f = *state;
+    dtype_t types[] = {DTYPE_Q4_0, DTYPE_Q4_1, DTYPE_Q8_0, DTYPE_Q4_K, DTYPE_Q6_K, DTYPE_F32, DTYPE_F16, DTYPE_BF16};
+    const int n_tok = 9;
+    for (size_t k = 0; k < sizeof types / sizeof *types; k++) {
+        const int64_t n_in = 768, n_out = 21;
+        test_w tw;
+        make_weight(&tw, types[k], n_in, n_out);
+        float *x = malloc(sizeof(float) * (size_t)(n_in * n_tok));
+        float *yb = malloc(sizeof(float) * (size_t)(n_out * n_tok)), *y1 = malloc(sizeof(float) * (size_t)n_out);
+        for (int64_t i = 0; i < n_in * n_tok; i++) x[i] = frand() * 2.0f;
+        for (int p = 0; p < 4; p++) {
+            assert_int_equal(mm_matmul(f->pools[p], &tw.w, x, n_tok, yb, f->ws), 0);
+            for (int t = 0; t < n_tok; t++) {
+                assert_int_equal(mm_matmul(f->pools[p], &tw.w, x + t * n_in, 1, y1, f->ws), 0);
+                if (memcmp(y1, yb + t * n_out, sizeof(float) * (size_t)n_out) != 0)
+                    print_error("%s: token %d differs alone vs in a batch (%s, %d threads)\n",
+                                dtype_name(types[k]), t, cpu_path_name(), pool_size(f->pools[p]));
+                assert_memory_equal(y1, yb + t * n_out, sizeof(float) * (size_t)n_out);
+            }
+        }
+        free(x); free(yb); free(y1);
+        free_weight(&tw);
+    }
+}
+
 static void test_errors(void **state)
 {
     fixture *f = *state;
@@ -468,7 +498,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_q4_0), cmocka_unit_test(test_q4_1), cmocka_unit_test(test_q8_0),
         cmocka_unit_test(test_q4_k), cmocka_unit_test(test_q6_k), cmocka_unit_test(test_f32),
         cmocka_unit_test(test_f16),  cmocka_unit_test(test_bf16), cmocka_unit_test(test_multi),
-        cmocka_unit_test(test_swiglu_input), cmocka_unit_test(test_errors), cmocka_unit_test(test_pool),
+        cmocka_unit_test(test_swiglu_input), cmocka_unit_test(test_batch_invariance), cmocka_unit_test(test_errors), cmocka_unit_test(test_pool),
     };
     fprintf(stderr, "test_matmul: %s path\n", cpu_path_name());
     int rc = cmocka_run_group_tests_name(cpu_use_vnni() ? "matmul_avx2_vnni" : cpu_use_avx2() ? "matmul_avx2" : "matmul_portable", tests, setup, teardown);
