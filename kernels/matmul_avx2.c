@@ -149,18 +149,21 @@ INLINE void a32_rows_1(const uint8_t *w, size_t rb, const int R, const mm_act *a
     }
 }
 
-/* R rows times 4 tokens; Q4_1's offset terms come from off[r][b] = m times s.
- * Every (row, token) result is computed with exactly the float operations, in the same
- * order, of a32_rows_1: a token's output does not depend on the batch around it. */
-INLINE void a32_tile_4(const uint8_t *w, size_t rb, const int R, const mm_act *a, int64_t nb,
-                       const float *off, float *y, int64_t ldy, int add, const int T)
+/* R rows times 4 tokens. dsx4[b][8] holds (dx, sx) of the 4 tokens for block b; Q4_1's
+ * offset terms m * sx are accumulated lane-wise from it. Every (row, token) result is
+ * computed with exactly the float operations, in the same order, of a32_rows_1, so a
+ * token's output does not depend on the batch around it. */
+INLINE void a32_tile_4(const uint8_t *w, size_t rb, const int R, const mm_act *a, const float *dsx4,
+                       int64_t nb, float *y, int64_t ldy, int add, const int T)
 {
     const size_t bs = BS_OF(T);
-    __m256 acc[2][4];
+    __m256 acc[2][4], macc[2];
     _Pragma("GCC unroll 8")
-    for (int r = 0; r < R; r++)
+    for (int r = 0; r < R; r++) {
+        macc[r] = _mm256_setzero_ps();
         _Pragma("GCC unroll 8")
         for (int t = 0; t < 4; t++) acc[r][t] = _mm256_setzero_ps();
+    }
     for (int64_t b = 0; b < nb; b++) {
         __m256i wv[2];
         __m256 dv[2];
@@ -170,7 +173,13 @@ INLINE void a32_tile_4(const uint8_t *w, size_t rb, const int R, const mm_act *a
             dv[r] = f16_bcast(blk);
             if (T == T_Q8_0) wv[r] = loadu(blk + 2);
             else if (T == T_Q4_0) wv[r] = _mm256_sub_epi8(nib32(blk + 2), _mm256_set1_epi8(8));
-            else wv[r] = nib32(blk + 4);
+            else {
+                uint32_t h;
+                memcpy(&h, blk, 4);
+                __m256 dm = _mm256_cvtph_ps(_mm_set1_epi32((int)h)); /* d, m, d, m, ... */
+                macc[r] = _mm256_add_ps(macc[r], _mm256_mul_ps(dm, _mm256_loadu_ps(dsx4 + 8 * b)));
+                wv[r] = nib32(blk + 4);
+            }
         }
         _Pragma("GCC unroll 8")
         for (int t = 0; t < 4; t++) {
@@ -185,48 +194,40 @@ INLINE void a32_tile_4(const uint8_t *w, size_t rb, const int R, const mm_act *a
         }
     }
     _Pragma("GCC unroll 8")
-    for (int r = 0; r < R; r++)
+    for (int r = 0; r < R; r++) {
+        float m[8];
+        _mm256_storeu_ps(m, macc[r]);
         _Pragma("GCC unroll 8")
         for (int t = 0; t < 4; t++) {
             float v = hsum_ps(acc[r][t]);
-            if (T == T_Q4_1) {
-                /* the same operations, in the same order, as a32_rows_1 (batch invariance) */
-                __m128 m = _mm_setzero_ps();
-                for (int64_t b = 0; b < nb; b++)
-                    m = _mm_add_ss(m, _mm_mul_ss(_mm_set_ss(off[r * nb + b]), _mm_set_ss(a[t].s[b])));
-                v += _mm_cvtss_f32(m);
-            }
+            if (T == T_Q4_1) v += m[2 * t + 1];
             put(&y[t * ldy + r], add, v);
         }
+    }
 }
 
-/* Largest nb for which the offsets of a 2-row tile live on the stack. */
-#define OFF_MAX_NB 1024
+/* Largest nb for which a 4-token (dx, sx) table lives on the stack. */
+#define DSX_MAX_NB 1024
 
 INLINE void a32_kern(const uint8_t *w, size_t rb, int nr, const mm_act *a, int nt, int64_t n_in,
                      float *y, int64_t ldy, int add, const int T)
 {
     int64_t nb = n_in / QK32;
     int t = 0;
-    if (nt >= 4 && nb <= OFF_MAX_NB) {
-        float off[2 * OFF_MAX_NB];
-        const size_t bs = BS_OF(T);
-        int r = 0;
-        for (; r + 2 <= nr || r < nr; r += 2) {
-            int R = nr - r >= 2 ? 2 : 1;
+    if (nt >= 4 && nb <= DSX_MAX_NB) {
+        float dsx4[8 * DSX_MAX_NB];
+        for (; t + 4 <= nt; t += 4) {
             if (T == T_Q4_1)
-                _Pragma("GCC unroll 8")
-                for (int rr = 0; rr < R; rr++)
-                    for (int64_t b = 0; b < nb; b++) {
-                        const uint8_t *blk = w + (size_t)(r + rr) * rb + (size_t)b * bs;
-                        off[rr * nb + b] = f16(blk + 2);
+                for (int64_t b = 0; b < nb; b++)
+                    for (int k = 0; k < 4; k++) {
+                        dsx4[8 * b + 2 * k] = a[t + k].ds[2 * b];
+                        dsx4[8 * b + 2 * k + 1] = a[t + k].ds[2 * b + 1];
                     }
-            for (t = 0; t + 4 <= nt; t += 4) {
-                if (R == 2) a32_tile_4(w + (size_t)r * rb, rb, 2, a + t, nb, off, y + t * ldy + r, ldy, add, T);
-                else a32_tile_4(w + (size_t)r * rb, rb, 1, a + t, nb, off, y + t * ldy + r, ldy, add, T);
-            }
+            int r = 0;
+            for (; r + 2 <= nr; r += 2)
+                a32_tile_4(w + (size_t)r * rb, rb, 2, a + t, dsx4, nb, y + t * ldy + r, ldy, add, T);
+            if (r < nr) a32_tile_4(w + (size_t)r * rb, rb, 1, a + t, dsx4, nb, y + t * ldy + r, ldy, add, T);
         }
-        t = nt / 4 * 4;
     }
     for (; t < nt; t++) {
         int r = 0;
