@@ -510,25 +510,11 @@ pool_t *model_ctx_pool(model_ctx_t *ctx) { return ctx->pool; }
 
 void model_ctx_set_collectives(model_ctx_t *ctx, const model_collectives *c) { ctx->coll = *c; }
 
-typedef struct {
-    float *gate;
-    const float *up;
-    int64_t n;
-} swiglu_job;
-
-static void swiglu_task(void *p, int ith, int nth)
+/* y (+)= x·Wᵀ for one weight (x replaced by silu(x) * up when up is given); in a TP group the partial sums are all-reduced first. */
+static int project_add(model_ctx_t *c, int tp, const mm_weight *w, const float *x, const float *up,
+                       int n_tok, float *y)
 {
-    const swiglu_job *j = p;
-    int64_t chunk = (j->n + nth - 1) / nth, a = chunk * ith, b = a + chunk;
-    if (b > j->n) b = j->n;
-    if (a < b) ops_swiglu(j->gate + a, j->gate + a, j->up + a, b - a);
-}
-
-/* y (+)= x·Wᵀ for one weight; in a TP group the partial sums are all-reduced first. */
-static int project_add(model_ctx_t *c, int tp, const mm_weight *w, const float *x, int n_tok,
-                       float *y)
-{
-    mm_input in = {.x = x, .n_tok = n_tok};
+    mm_input in = {.x = x, .n_tok = n_tok, .up = up};
     if (tp == 1) {
         mm_job job = {.w = w, .y = y, .add = 1};
         return mm_run(c->pool, &in, &job, 1, c->ws);
@@ -603,16 +589,12 @@ int model_forward(model_ctx_t *c, const model_t *m, kv_cache_t *kv, const model_
     for (int il = 0; il < hp->n_layer; il++) {
         const layer_w *L = &m->layers[il];
         mm_input in = {.x = c->x, .n_tok = T, .rms_w = L->attn_norm, .rms_eps = hp->rms_eps};
-        mm_job qkv[3] = {{.w = &L->wq, .y = c->q}, {.w = &L->wk, .y = c->k}, {.w = &L->wv, .y = c->v}};
+        mm_job qkv[3] = {{.w = &L->wq, .y = c->q, .bias = L->bq}, {.w = &L->wk, .y = c->k, .bias = L->bk},
+                         {.w = &L->wv, .y = c->v, .bias = L->bv}};
         if (mm_run(c->pool, &in, qkv, 3, c->ws) != 0) goto mm_fail;
         for (int t = 0; t < T; t++) {
             float *qt = c->q + (size_t)t * c->n_q, *kt = c->k + (size_t)t * c->n_kv;
             float *vt = c->v + (size_t)t * c->n_kv;
-            if (L->bq) {
-                ops_add(qt, qt, L->bq, c->n_q);
-                ops_add(kt, kt, L->bk, c->n_kv);
-                ops_add(vt, vt, L->bv, c->n_kv);
-            }
             const float *cs = c->rope_cs + (size_t)t * c->rope_dims;
             ops_rope_apply(qt, nh, hd, cs, hp->rope_dims, rp.mode);
             ops_rope_apply(kt, nkv, hd, cs, hp->rope_dims, rp.mode);
@@ -635,17 +617,13 @@ int model_forward(model_ctx_t *c, const model_t *m, kv_cache_t *kv, const model_
                     dtype_name(kc->dtype));
             return -1;
         }
-        if (project_add(c, tp, &L->wo, c->att, T, c->x) != 0) goto mm_fail;
+        if (project_add(c, tp, &L->wo, c->att, NULL, T, c->x) != 0) goto mm_fail;
 
         mm_input fin = {.x = c->x, .n_tok = T, .rms_w = L->ffn_norm, .rms_eps = hp->rms_eps};
         mm_job gu[2] = {{.w = &L->wgate, .y = c->gate}, {.w = &L->wup, .y = c->up}};
         if (mm_run(c->pool, &fin, gu, 2, c->ws) != 0) goto mm_fail;
-        swiglu_job sj = {c->gate, c->up, (int64_t)T * c->n_ff};
-        if (T > 1)
-            pool_run(c->pool, swiglu_task, &sj);
-        else
-            swiglu_task(&sj, 0, 1);
-        if (project_add(c, tp, &L->wdown, c->gate, T, c->x) != 0) goto mm_fail;
+        /* down(silu(gate) * up): SwiGLU is applied as the down projection reads its input */
+        if (project_add(c, tp, &L->wdown, c->gate, c->up, T, c->x) != 0) goto mm_fail;
     }
     if (n_logit_rows == 0) return 0;
 
