@@ -4,6 +4,9 @@
 #include <math.h>
 #include <stddef.h>
 
+#include "kernels/attn_internal.h"
+#include "kernels/cpu.h"
+
 /* Keys or values converted to f32 at a time, per task (on the stack). */
 #define ATTN_TILE_FLOATS 4096
 /* Scores kept per tile: query heads of a group x keys of a tile. */
@@ -12,6 +15,7 @@
 typedef struct {
     const attn_kv_view *kv;
     const attn_query *rows;
+    int avx2;
     int n_q, n_head;
     const float *q;
     float scale;
@@ -19,8 +23,8 @@ typedef struct {
 } attn_job;
 
 /* Convert n rows of head_dim elements of one (block, head) from slot s0 to f32. */
-static void load_rows(const attn_kv_view *kv, const void *base, const float *scales, int block,
-                      int head, int s0, int n, float *dst)
+static void load_rows(const attn_kv_view *kv, int avx2, const void *base, const float *scales,
+                      int block, int head, int s0, int n, float *dst)
 {
     const int hd = kv->head_dim;
     const size_t row0 = (((size_t)block * kv->n_kv_head + head) * kv->block_tokens + s0) * hd;
@@ -33,6 +37,10 @@ static void load_rows(const attn_kv_view *kv, const void *base, const float *sca
     }
     case DTYPE_F16: {
         const uint16_t *src = (const uint16_t *)base + row0;
+        if (avx2) {
+            attn_avx2_f16(dst, src, cnt);
+            break;
+        }
         for (size_t i = 0; i < cnt; i++) dst[i] = fp16_to_f32(src[i]);
         break;
     }
@@ -97,15 +105,17 @@ static void attn_one(const attn_job *job, int t, int g)
         if (n > bt - s0) n = bt - s0;
         const int block = row->blocks[b];
 
-        load_rows(kv, kv->k, kv->k_scale, block, g, s0, n, kbuf);
+        load_rows(kv, job->avx2, kv->k, kv->k_scale, block, g, s0, n, kbuf);
         for (int h = 0; h < group; h++) {
             const float *qh = q + (size_t)h * hd;
+            float *sh = s + h * tile;
             float mx = m[h];
-            for (int j = 0; j < n; j++) {
-                float x = dot(qh, kbuf + (size_t)j * hd, hd) * job->scale;
-                s[h * tile + j] = x;
-                if (x > mx) mx = x;
-            }
+            if (job->avx2)
+                attn_avx2_scores(sh, qh, kbuf, n, hd, job->scale);
+            else
+                for (int j = 0; j < n; j++) sh[j] = dot(qh, kbuf + (size_t)j * hd, hd) * job->scale;
+            for (int j = 0; j < n; j++)
+                if (sh[j] > mx) mx = sh[j];
             /* rescale what was accumulated under the old maximum */
             const float corr = expf(m[h] - mx);
             float *oh = out + (size_t)h * hd;
@@ -120,9 +130,13 @@ static void attn_one(const attn_job *job, int t, int g)
                 l[h] += w;
             }
         }
-        load_rows(kv, kv->v, kv->v_scale, block, g, s0, n, kbuf);
+        load_rows(kv, job->avx2, kv->v, kv->v_scale, block, g, s0, n, kbuf);
         for (int h = 0; h < group; h++) {
             float *oh = out + (size_t)h * hd;
+            if (job->avx2) {
+                attn_avx2_accum(oh, s + h * tile, kbuf, n, hd);
+                continue;
+            }
             for (int j = 0; j < n; j++) {
                 const float w = s[h * tile + j];
                 const float *vr = kbuf + (size_t)j * hd;
@@ -155,7 +169,7 @@ int attn_paged(pool_t *pool, const attn_kv_view *kv, const attn_query *rows, int
         kv->head_dim <= 0 || kv->head_dim > ATTN_TILE_FLOATS || kv->block_tokens <= 0)
         return -1;
     if (n_q <= 0) return 0;
-    attn_job job = {kv, rows, n_q, n_head, q, scale, out};
+    attn_job job = {kv, rows, cpu_use_avx2(), n_q, n_head, q, scale, out};
     if (pool)
         pool_run(pool, attn_task, &job);
     else
