@@ -6,22 +6,27 @@
 #include "kernels/cpu.h"
 #include "kernels/ops_internal.h"
 
-static void rmsnorm_ref(float *y, const float *x, const float *w, int64_t n, float eps)
-{
-    double ss = 0.0;
-    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
-    float scale = (float)(1.0 / sqrt(ss / (double)n + eps));
-    if (w)
-        for (int64_t i = 0; i < n; i++) y[i] = x[i] * scale * w[i];
-    else
-        for (int64_t i = 0; i < n; i++) y[i] = x[i] * scale;
-}
-
+/* One implementation for every path, in llama.cpp's arithmetic: squares rounded to
+ * float and summed in order in double, the mean rounded to float, then x * scale * w
+ * with float roundings. The model amplifies last-bit differences here (they move the
+ * 8-bit activation quantization that follows), so exactness beats a vector sum. */
 void ops_rmsnorm(float *y, const float *x, const float *w, int64_t n, float eps)
 {
     if (n <= 0) return;
-    if (cpu_use_avx2()) ops_avx2_rmsnorm(y, x, w, n, eps);
-    else rmsnorm_ref(y, x, w, n, eps);
+    double ss = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        float sq = x[i] * x[i];
+        ss += sq;
+    }
+    float mean = (float)(ss / (double)n);
+    float scale = 1.0f / sqrtf(mean + eps);
+    if (w)
+        for (int64_t i = 0; i < n; i++) {
+            float t = x[i] * scale;
+            y[i] = t * w[i];
+        }
+    else
+        for (int64_t i = 0; i < n; i++) y[i] = x[i] * scale;
 }
 
 void ops_swiglu(float *y, const float *gate, const float *up, int64_t n)
@@ -62,13 +67,17 @@ void ops_scale(float *y, const float *x, float s, int64_t n)
 
 void ops_rope_cache(float *cs, int pos, const ops_rope_params *p)
 {
+    /* llama.cpp's float recurrence for the angles (theta_i = pos * base^(-2i/n)), so the
+     * rotations match its bits; the error grows slowly with position (~3e-5 at 8k). */
     int half = p->n_dims / 2;
+    float ts = powf(p->freq_base, -2.0f / (float)p->n_dims), th = (float)pos;
     for (int i = 0; i < half; i++) {
-        double inv_freq = pow((double)p->freq_base, -2.0 * i / (double)p->n_dims);
-        double theta = (double)pos * (double)p->freq_scale * inv_freq;
-        if (p->freq_factors) theta /= (double)p->freq_factors[i];
-        cs[2 * i] = (float)cos(theta);
-        cs[2 * i + 1] = (float)sin(theta);
+        float t = th;
+        if (p->freq_factors) t /= p->freq_factors[i];
+        t *= p->freq_scale;
+        cs[2 * i] = cosf(t);
+        cs[2 * i + 1] = sinf(t);
+        th *= ts;
     }
 }
 
@@ -81,14 +90,14 @@ void ops_rope_apply(float *x, int n_head, int head_dim, const float *cs, int n_d
         if (mode == OPS_ROPE_NEOX) {
             for (int i = 0; i < half; i++) {
                 float c = cs[2 * i], s = cs[2 * i + 1], a = v[i], b = v[i + half];
-                v[i] = a * c - b * s;
-                v[i + half] = a * s + b * c;
+                v[i] = fmaf(a, c, -(b * s));
+                v[i + half] = fmaf(a, s, b * c);
             }
         } else {
             for (int i = 0; i < half; i++) {
                 float c = cs[2 * i], s = cs[2 * i + 1], a = v[2 * i], b = v[2 * i + 1];
-                v[2 * i] = a * c - b * s;
-                v[2 * i + 1] = a * s + b * c;
+                v[2 * i] = fmaf(a, c, -(b * s));
+                v[2 * i + 1] = fmaf(a, s, b * c);
             }
         }
     }

@@ -13,31 +13,6 @@ static inline float hsum256(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
-void ops_avx2_rmsnorm(float *y, const float *x, const float *w, int64_t n, float eps)
-{
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
-        a0 = _mm256_fmadd_ps(v0, v0, a0);
-        a1 = _mm256_fmadd_ps(v1, v1, a1);
-    }
-    double ss = hsum256(_mm256_add_ps(a0, a1));
-    for (; i < n; i++) ss += (double)x[i] * x[i];
-    float scale = (float)(1.0 / sqrt(ss / (double)n + eps));
-    __m256 sv = _mm256_set1_ps(scale);
-    i = 0;
-    if (w) {
-        for (; i + 8 <= n; i += 8)
-            _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), sv),
-                                                  _mm256_loadu_ps(w + i)));
-        for (; i < n; i++) y[i] = x[i] * scale * w[i];
-    } else {
-        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), sv));
-        for (; i < n; i++) y[i] = x[i] * scale;
-    }
-}
-
 /* e^x for 8 floats, relative error about 2e-7 over the whole range (underflows to 0,
  * overflows to inf). Cody-Waite reduction, degree-6 polynomial. */
 static inline __m256 exp256(__m256 x)

@@ -4,7 +4,6 @@
 
 #include <stdint.h>
 
-void ops_avx2_rmsnorm(float *y, const float *x, const float *w, int64_t n, float eps);
 void ops_avx2_swiglu(float *y, const float *gate, const float *up, int64_t n);
 
 #endif
