@@ -11,6 +11,7 @@
  * - 20 concurrent greedy assigns (one continuing after 3 generated tokens) give exactly
  *   the tokens of a single-sequence reference loop, batched in `tokens` messages, with
  *   `finished` counts and reasons, and leave no KV block in use;
+ * - 300 short requests at once all end with their token counts;
  * - cancel ends a request with `finished` cancelled; an unknown rid gets nothing;
  * - bad assigns get `failed` with bad_request or kv_full (and the right retryable flag);
  *   malformed frames are ignored;
@@ -667,6 +668,34 @@ static void test_assign_many_equal_reference(void **state)
     model_destroy(&m);
 }
 
+/* 300 short requests at once: the worker's request table grows and shrinks. */
+static void test_many_short_requests(void **state)
+{
+    (void)state;
+    fake_t f;
+    fake_open(&f);
+    wrk_config c;
+    test_config(&c, f.endpoint);
+    wthread t;
+    start_registered(&t, &f, &c, 1000, 4);
+    enum { N = 300 };
+    static outcome got[N];
+    memset(got, 0, sizeof got);
+    for (int i = 0; i < N; i++) {
+        int32_t q[2] = {(int32_t)(i % 50), (int32_t)(i / 50)};
+        fake_assign(&f, 1000 + i, q, 2, NULL, 0, 1 + i % 3, NULL, 0, 1);
+    }
+    collect(&f, 1000, got, N);
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(got[i].n, 1 + i % 3);
+        assert_int_equal(got[i].n_generated, 1 + i % 3);
+        assert_int_equal(got[i].reason, PROTO_FINISH_LENGTH);
+    }
+    wait_stats(&t, kv_clean, "no KV block in use");
+    wt_stop(&t);
+    fake_close(&f);
+}
+
 static void test_cancel(void **state)
 {
     (void)state;
@@ -1240,6 +1269,7 @@ int main(void)
         cmocka_unit_test(test_config_from_file),
         cmocka_unit_test(test_register_contents),
         cmocka_unit_test(test_assign_many_equal_reference),
+        cmocka_unit_test(test_many_short_requests),
         cmocka_unit_test(test_cancel),
         cmocka_unit_test(test_bad_assigns),
         cmocka_unit_test(test_heartbeats_both_ways),
