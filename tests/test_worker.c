@@ -17,7 +17,7 @@
  *   malformed frames are ignored;
  * - heartbeats flow both ways and carry the worker's load;
  * - a silent duetd makes the worker drop its work (KV freed) and register again with a
- *   new ROUTER on the same endpoint;
+ *   new ROUTER on the same endpoint; so does duetd's `error` unexpected_command;
  * - refused: model_mismatch ends wrk_run with WRK_ERR_REFUSED; duplicate_worker retries;
  * - stop hands running requests back (`failed`, retryable) and returns WRK_OK;
  * - the real build/bin/duet-worker registers, serves an assign, and exits 0 on SIGTERM
@@ -962,6 +962,16 @@ static void test_silent_duetd_reregister(void **state)
     assert_int_equal(s.registrations, 2);
     assert_true(s.dropped >= 2);
     assert_int_equal(s.kv_blocks_used, 0);
+    /* duetd forgot this worker (declared it dead): its error makes it register again */
+    fake_send_raw(&f, PROTO_WORKER_TAG, "error",
+                  "{\"code\": \"unexpected_command\", \"message\": \"heartbeat from a worker "
+                  "declared dead: register again\", \"command\": \"heartbeat\"}");
+    fake_expect(&f, PROTO_CMD_REGISTER, PROTO_T_REGISTER, &r);
+    proto_register_free(&r);
+    fake_registered(&f, 1000, 4);
+    wait_stats(&t, is_ready, "ready after duetd's error");
+    /* other errors are only logged */
+    fake_send_raw(&f, PROTO_WORKER_TAG, "error", "{\"code\": \"internal\", \"message\": \"oops\"}");
     /* and it serves again */
     int32_t q[4] = {9, 8, 7, 6};
     fake_assign(&f, 77, q, 4, NULL, 0, 5, NULL, 0, 1);
@@ -969,6 +979,8 @@ static void test_silent_duetd_reregister(void **state)
     memset(o, 0, sizeof o);
     collect(&f, 77, o, 1);
     assert_int_equal(o[0].n, 5);
+    wrk_get_stats(t.w, &s);
+    assert_int_equal(s.registrations, 3);
     wt_stop(&t);
     fake_close(&f);
 }

@@ -962,17 +962,20 @@ static phase_rc on_refused(wrk_t *w, const json_t *body, char *err, size_t errle
     return rc;
 }
 
-static void log_error_msg(wrk_t *w, const json_t *body)
+/* Log duetd's error; returns its code (PROTO_ERR_OTHER when malformed). */
+static proto_code log_error_msg(wrk_t *w, const json_t *body)
 {
     proto_error e;
     proto_err pe;
     if (proto_error_parse(body, &e, &pe) != 0) {
         LOG_W(w, "duetd sent a malformed error: %s", pe.message);
-        return;
+        return PROTO_ERR_OTHER;
     }
     LOG_W(w, "duetd reports an error%s%s: %s: %s", e.command ? " about " : "",
           e.command ? e.command : "", proto_code_name(e.code), e.message ? e.message : "");
+    proto_code code = e.code;
     proto_error_free(&e);
+    return code;
 }
 
 /* Connect, register, and wait for the answer (at most dead_after heartbeat intervals
@@ -1235,7 +1238,14 @@ static phase_rc on_message(wrk_t *w, proto_msg *m, char *err, size_t errlen)
         if (rc == PH_FATAL) return PH_FATAL;
         return PH_RETRY;
     }
-    case PROTO_CMD_ERROR: log_error_msg(w, m->body); return PH_OK;
+    case PROTO_CMD_ERROR:
+        /* unexpected_command answers a worker command that duetd takes only from a
+         * registered worker: duetd no longer counts this one (it declared it dead, or
+         * restarted), so its requests are gone there too. */
+        if (log_error_msg(w, m->body) != PROTO_ERR_UNEXPECTED_COMMAND) return PH_OK;
+        LOG_W(w, "duetd does not count this worker as registered: dropping %d requests, "
+                 "registering again", w->n_live);
+        return PH_RETRY;
     default:
         ST_ADD(w, bad_msgs_in, 1);
         LOG_W(w, "unexpected '%s' from duetd: ignored", proto_cmd_name(m->cmd));

@@ -13,8 +13,9 @@
  *                sends each step's tokens as one `tokens` message, then `finished` or
  *                `failed` for the requests that ended. It sends a `heartbeat` with its
  *                load (running, waiting, free and cached KV blocks) every heartbeat_ms.
- *                When duetd is silent for dead_after intervals (or a send to it fails)
- *                the worker drops every request (their KV blocks freed), closes the
+ *                When duetd is silent for dead_after intervals (or a send to it fails,
+ *                or duetd answers with an `error` unexpected_command: it no longer counts
+ *                this worker as registered) the worker drops every request (their KV blocks freed), closes the
  *                socket, waits 100 ms doubling to 5 s times a random factor in
  *                [0.5, 1.5], and registers again on a new socket; it never gives up.
  *                `refused` ends wrk_run with WRK_ERR_REFUSED, except no_slot and
