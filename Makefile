@@ -157,6 +157,7 @@ install: all
 	$(if $(PROGS),install -m 755 $(PROGS) $(DESTDIR)$(PREFIX)/bin/)
 	install -m 644 $(LIB) $(DESTDIR)$(PREFIX)/lib/
 	install -m 644 kv/*.h $(DESTDIR)$(PREFIX)/include/duet/kv/
+	install -m 644 client/libduet.h $(DESTDIR)$(PREFIX)/include/duet/
 
 uninstall:
 	rm -f $(foreach p,$(PROGS),$(DESTDIR)$(PREFIX)/bin/$(notdir $(p))) $(DESTDIR)$(PREFIX)/lib/libduet.a
