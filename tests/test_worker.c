@@ -19,7 +19,8 @@
  * - a silent duetd makes the worker drop its work (KV freed) and register again with a
  *   new ROUTER on the same endpoint; so does duetd's `error` unexpected_command;
  * - refused: model_mismatch ends wrk_run with WRK_ERR_REFUSED; duplicate_worker retries;
- * - stop hands running requests back (`failed`, retryable) and returns WRK_OK;
+ * - stop drains: held requests finish, new assigns get `failed` (retryable); a second
+ *   stop hands running requests back (`failed`, retryable); wrk_run returns WRK_OK;
  * - the real build/bin/duet-worker registers, serves an assign, and exits 0 on SIGTERM
  *   (and 1 when refused);
  * - configuration: duet.conf groups, tp_size > 1 and other roles are refused clearly.
@@ -1035,7 +1036,8 @@ static void test_stop_hands_back(void **state)
     fake_assign(&f, 5, p, 24, NULL, 0, 990, NULL, 0, 1);
     fake_assign(&f, 6, p + 1, 23, NULL, 0, 990, NULL, 0, 1);
     wait_stats(&t, live_2, "2 requests running");
-    wrk_stop(t.w);
+    wrk_stop(t.w); /* a drain ... */
+    wrk_stop(t.w); /* ... cut short */
     int failed[2] = {0, 0};
     while (!(failed[0] && failed[1])) {
         json_t *body = NULL;
@@ -1071,6 +1073,60 @@ static void test_stop_hands_back(void **state)
     fake_expect(&f, PROTO_CMD_REGISTER, PROTO_T_REGISTER, &r);
     proto_register_free(&r);
     wt_stop(&t);
+    fake_close(&f);
+}
+
+/* The first stop drains: held requests finish, new ones are refused (retryable). */
+static void test_stop_drains(void **state)
+{
+    (void)state;
+    fake_t f;
+    fake_open(&f);
+    wrk_config c;
+    test_config(&c, f.endpoint);
+    c.drain_ms = WAIT_MS;
+    wthread t;
+    start_registered(&t, &f, &c, 1000, 4);
+    int32_t p[24];
+    fill_prompt(p, 24, mkmodel_builtin_vocab_size(), 13);
+    fake_assign(&f, 5, p, 24, NULL, 0, 300, NULL, 0, 1);
+    fake_assign(&f, 6, p + 1, 23, NULL, 0, 300, NULL, 0, 1);
+    wait_stats(&t, live_2, "2 requests running");
+    wrk_stop(t.w);
+    fake_assign(&f, 7, p, 4, NULL, 0, 10, NULL, 0, 1);
+    int finished[2] = {0, 0}, refused = 0;
+    while (!(finished[0] && finished[1] && refused)) {
+        json_t *body = NULL;
+        proto_cmd cmd = fake_next(&f, WAIT_MS, 1, &body);
+        proto_err e;
+        if (cmd == PROTO_CMD_FINISHED) {
+            proto_finished fi;
+            assert_int_equal(proto_finished_parse(body, &fi, &e), 0);
+            assert_true(fi.rid == 5 || fi.rid == 6);
+            assert_int_equal(fi.reason, PROTO_FINISH_LENGTH);
+            assert_int_equal(fi.n_generated, 300);
+            finished[fi.rid - 5]++;
+        } else if (cmd == PROTO_CMD_FAILED) {
+            proto_failed fa;
+            assert_int_equal(proto_failed_parse(body, &fa, &e), 0);
+            assert_int_equal(fa.rid, 7);
+            assert_int_equal(fa.code, PROTO_ERR_INTERNAL);
+            assert_true(fa.retryable);
+            assert_non_null(strstr(fa.message, "stopping"));
+            proto_failed_free(&fa);
+            refused++;
+        } else if (cmd != PROTO_CMD_TOKENS) {
+            fail_msg("unexpected '%s' while draining", cmd == PROTO_CMD_NONE ? "(nothing)" : proto_cmd_name(cmd));
+        }
+        json_decref(body);
+    }
+    assert_int_equal(wt_join(&t), WRK_OK);
+    wrk_stats s;
+    wrk_get_stats(t.w, &s);
+    assert_int_equal(s.finished, 2);
+    assert_int_equal(s.live, 0);
+    assert_int_equal(s.kv_blocks_used, 0);
+    wrk_destroy(&t.w);
     fake_close(&f);
 }
 
@@ -1288,6 +1344,7 @@ int main(void)
         cmocka_unit_test(test_silent_duetd_reregister),
         cmocka_unit_test(test_refused),
         cmocka_unit_test(test_stop_hands_back),
+        cmocka_unit_test(test_stop_drains),
         cmocka_unit_test(test_binary),
     };
     return cmocka_run_group_tests_name("worker", tests, setup, teardown);

@@ -3,7 +3,8 @@
  *   duet-worker --config conf/duet.conf --group NAME [--rank R] [--endpoint E]
  *   duet-worker -m MODEL.gguf --endpoint E [--threads N] [--kv-budget BYTES] ...
  *
- * Exit status: 0 after SIGTERM or SIGINT (requests handed back to duetd), 1 on a bad
+ * Exit status: 0 after SIGTERM or SIGINT (running requests finish within --drain-timeout,
+ * the rest are handed back to duetd; a second signal hands them back at once), 1 on a bad
  * command line or configuration, a model that does not load, or a refused registration.
  */
 #include <errno.h>
@@ -42,6 +43,9 @@ static void usage(FILE *f)
         "      --worker-id ID       name sent to duetd [HOST-GROUP-RANK]\n"
         "      --heartbeat-ms N     heartbeat until duetd gives its own [config, or 1000]\n"
         "      --log-level L        error, warn, info or debug [config, or info]\n"
+        "      --drain-timeout MS   at SIGTERM, how long running requests may finish before\n"
+        "                           they are handed back to duetd; a second signal hands them\n"
+        "                           back at once [30000]\n"
         "  -h, --help               this text\n");
 }
 
@@ -117,7 +121,7 @@ static int parse_level(const char *s, config_log_level *out)
 
 int main(int argc, char **argv)
 {
-    enum { O_KVB = 256, O_KVT, O_MBT, O_SEQS, O_CTX, O_WID, O_HB, O_LOG };
+    enum { O_KVB = 256, O_KVT, O_MBT, O_SEQS, O_CTX, O_WID, O_HB, O_LOG, O_DRAIN };
     static const struct option lo[] = {
         {"config", required_argument, 0, 'c'}, {"group", required_argument, 0, 'g'},
         {"rank", required_argument, 0, 'r'}, {"endpoint", required_argument, 0, 'e'},
@@ -126,11 +130,12 @@ int main(int argc, char **argv)
         {"max-batch-tokens", required_argument, 0, O_MBT},
         {"max-seqs", required_argument, 0, O_SEQS}, {"ctx", required_argument, 0, O_CTX},
         {"worker-id", required_argument, 0, O_WID}, {"heartbeat-ms", required_argument, 0, O_HB},
-        {"log-level", required_argument, 0, O_LOG}, {"help", no_argument, 0, 'h'},
+        {"log-level", required_argument, 0, O_LOG}, {"drain-timeout", required_argument, 0, O_DRAIN},
+        {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     const char *config_path = NULL, *group = NULL, *endpoint = NULL, *model = NULL;
     const char *worker_id = NULL;
-    int rank = 0, threads = -1, mbt = -1, seqs = -1, ctx = -1, hb = -1;
+    int rank = 0, threads = -1, mbt = -1, seqs = -1, ctx = -1, hb = -1, drain = -1;
     int64_t kv_budget = -1;
     dtype_t kv_type = DTYPE_F16;
     int have_kv_type = 0, have_level = 0;
@@ -169,6 +174,7 @@ int main(int argc, char **argv)
             }
             have_level = 1;
             break;
+        case O_DRAIN: if (parse_int("--drain-timeout", optarg, 0, 3600000, &drain)) return 1; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 1;
         }
@@ -218,6 +224,7 @@ int main(int argc, char **argv)
     if (ctx >= 0) wc.n_ctx = ctx;
     if (hb > 0) wc.heartbeat_ms = hb;
     if (have_level) wc.log_level = level;
+    if (drain >= 0) wc.drain_ms = drain;
     if (worker_id) wc.worker_id = worker_id;
     wc.notify = 1;
 

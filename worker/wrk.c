@@ -62,7 +62,9 @@ struct wrk {
     void *zctx;
     void *sock;       /* the DEALER to duetd, or NULL */
     int wake_fd;      /* eventfd written by wrk_stop */
-    atomic_int stop;  /* set by wrk_stop */
+    atomic_int stop;  /* stop requests so far (wrk_stop, signals): 1 drains, 2 hands back */
+    int draining;     /* serving only the requests held when the stop came */
+    int64_t drain_until; /* monotonic ms: then the rest are handed back */
     uint64_t rng;     /* back-off jitter (splitmix64 state) */
 
     int hb_ms, dead_after;      /* in force for the current connection */
@@ -253,6 +255,7 @@ void wrk_config_default(wrk_config *c)
     c->backoff_min_ms = 100;
     c->backoff_max_ms = 5000;
     c->linger_ms = 1000;
+    c->drain_ms = 30000;
     c->log_level = CONFIG_LOG_INFO;
     c->signal_fd = -1;
 }
@@ -509,9 +512,11 @@ static wrk_status check_config(const wrk_config *c, char *err, size_t errlen)
         set_err(err, errlen, "KV type %d is not one of f32, f16, bf16, int8", (int)c->kv_type);
         return WRK_ERR_CONFIG;
     }
-    if (c->backoff_min_ms < 1 || c->backoff_max_ms < c->backoff_min_ms || c->linger_ms < 0) {
-        set_err(err, errlen, "back-off %d..%d ms and linger %d ms must be positive and ordered",
-                c->backoff_min_ms, c->backoff_max_ms, c->linger_ms);
+    if (c->backoff_min_ms < 1 || c->backoff_max_ms < c->backoff_min_ms || c->linger_ms < 0 ||
+        c->drain_ms < 0) {
+        set_err(err, errlen,
+                "back-off %d..%d ms, linger %d ms and drain %d ms must be positive and ordered",
+                c->backoff_min_ms, c->backoff_max_ms, c->linger_ms, c->drain_ms);
         return WRK_ERR_CONFIG;
     }
     return WRK_OK;
@@ -686,7 +691,7 @@ void wrk_destroy(wrk_t **self_p)
 void wrk_stop(wrk_t *w)
 {
     if (!w) return;
-    atomic_store(&w->stop, 1);
+    atomic_fetch_add(&w->stop, 1);
     uint64_t one = 1;
     ssize_t r = write(w->wake_fd, &one, sizeof one);
     (void)r;
@@ -842,12 +847,32 @@ static int wait_io(wrk_t *w, short events, int64_t timeout_ms)
             LOG_I(w, "signal %u (%s): stopping", sig.ssi_signo, strsignal((int)sig.ssi_signo));
         else
             LOG_I(w, "stop requested through the signal fd");
-        atomic_store(&w->stop, 1);
+        atomic_fetch_add(&w->stop, 1);
     }
     return si >= 0 ? it[si].revents : 0;
 }
 
 static int stopping(const wrk_t *w) { return atomic_load(&w->stop) != 0; }
+
+/* While serving: whether to stop now. The first stop request starts a drain (no new
+ * requests; those held run to their end) of at most drain_ms; a second one, the end of
+ * the drain, or nothing left to run, stops. */
+static int stop_now(wrk_t *w)
+{
+    int n = atomic_load(&w->stop);
+    if (n == 0) return 0;
+    if (n >= 2 || w->cfg.drain_ms == 0 || w->n_live == 0) return 1;
+    int64_t now = now_ms();
+    if (!w->draining) {
+        w->draining = 1;
+        w->drain_until = now + w->cfg.drain_ms;
+        LOG_I(w, "stopping: draining %d requests for at most %d ms (no new ones; stop again to "
+                 "hand them back now)", w->n_live, w->cfg.drain_ms);
+        notify(w, "STOPPING=1\nSTATUS=draining %d requests", w->n_live);
+        return 0;
+    }
+    return now >= w->drain_until;
+}
 
 /* ---- registration ------------------------------------------------------------------------- */
 
@@ -1101,6 +1126,12 @@ static int on_assign(wrk_t *w, const json_t *body)
     char msg[512];
     int rc = 0;
     int32_t *ctx = NULL;
+    if (w->draining) {
+        snprintf(msg, sizeof msg, "assign: worker %s is stopping and takes no new requests",
+                 w->worker_id);
+        rc = reject(w, a.rid, a.has_transfer ? a.transfer.xfer : 0, PROTO_ERR_INTERNAL, 1, msg);
+        goto out;
+    }
     if (a.role != PROTO_ROLE_BOTH) {
         snprintf(msg, sizeof msg,
                  "assign: role '%s' needs the KV data plane (comm/, issue 5); this worker "
@@ -1350,14 +1381,15 @@ static phase_rc serve(wrk_t *w, char *err, size_t errlen)
     if (send_heartbeat(w) != 0) return PH_RETRY;
     notify(w, "STATUS=serving: rank %d", w->st.rank);
     for (;;) {
-        if (stopping(w)) return PH_STOP;
+        if (stop_now(w)) return PH_STOP;
         int64_t now = now_ms();
         const int64_t dead_ms = (int64_t)w->hb_ms * w->dead_after;
         int64_t due = w->last_hb + w->hb_ms;
         if (w->last_recv + dead_ms < due) due = w->last_recv + dead_ms;
+        if (w->draining && w->drain_until < due) due = w->drain_until;
         int64_t timeout = sched_busy(w->sched) ? 0 : due - now;
         int rev = wait_io(w, ZMQ_POLLIN, timeout);
-        if (stopping(w)) return PH_STOP;
+        if (stop_now(w)) return PH_STOP;
         if (rev & ZMQ_POLLIN) {
             for (;;) {
                 proto_msg m = {0};
@@ -1429,6 +1461,7 @@ wrk_status wrk_run(wrk_t *w, char *err, size_t errlen)
     wrk_status ret = WRK_OK;
     int attempt = 0;
     w->fatal = WRK_OK;
+    w->draining = 0;
     if (err && errlen) err[0] = 0;
     LOG_I(w, "model %s (sha256 %s), %d KV blocks of %d tokens, %d threads; duetd at %s",
           w->model_path, w->sha256, kv_n_blocks(w->kv), kv_config_of(w->kv)->block_tokens,

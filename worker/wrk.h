@@ -21,11 +21,14 @@
  *                `refused` ends wrk_run with WRK_ERR_REFUSED, except no_slot and
  *                duplicate_worker, which are retried with the same back-off (PROTOCOL.md:
  *                "retries later for no_slot, duplicate_worker").
- *   wrk_stop     (any thread, or a signal handler) makes wrk_run fail every request it
- *                still holds with `failed` (code internal, retryable: duetd runs them
- *                elsewhere from the tokens already streamed), close the connection
- *                (waiting up to linger_ms for those messages to leave) and return WRK_OK.
- *                The protocol has no goodbye message.
+ *   wrk_stop     (any thread, or a signal handler) starts a drain: new assigns get
+ *                `failed` (internal, retryable), the requests held run to their end for
+ *                at most drain_ms. A second wrk_stop, or the end of the drain, makes the
+ *                worker fail every request it still holds with `failed` (code internal,
+ *                retryable: duetd runs them elsewhere from the tokens already streamed).
+ *                Then it closes the connection (waiting up to linger_ms for the last
+ *                messages to leave) and wrk_run returns WRK_OK. The protocol has no
+ *                goodbye message: duetd sees the connection end, or the silence.
  *
  * Requests are numbered by duetd's rid; the scheduler's id is the rid. An assign's
  * context is tokens ++ generated: the worker prefills all of it and numbers the new
@@ -94,6 +97,8 @@ typedef struct {
     int backoff_min_ms;       /* first reconnect delay, doubled each failure [100] */
     int backoff_max_ms;       /* cap of the reconnect delay [5000] */
     int linger_ms;            /* at stop: how long the last messages may take to leave [1000] */
+    int drain_ms;             /* at stop: how long held requests may run on; 0: hand them
+                                 back at once [30000] */
     config_log_level log_level; /* least severe level logged [info] */
     wrk_log_fn log;           /* NULL: stderr with "<N>" prefixes */
     void *log_user;           /* passed to log */
