@@ -29,15 +29,34 @@ void ops_rmsnorm(float *y, const float *x, const float *w, int64_t n, float eps)
         for (int64_t i = 0; i < n; i++) y[i] = x[i] * scale;
 }
 
+/* e^x in the arithmetic of llama.cpp's vector exp (the scalar twin of exp256 in
+ * kernels/ops_avx2.c): the same fused steps, so both paths give the same bits. */
+static float exp_vec_twin(float x)
+{
+    const float shift = 0x1.8p23f;
+    const float z = fmaf(x, 0x1.715476p+0f, shift);
+    const float n = z - shift;
+    if (fabsf(n) > 192.0f) return n <= 0.0f ? 0.0f : INFINITY;
+    float b = fmaf(-n, 0x1.62e4p-1f, x);
+    b = fmaf(-n, 0x1.7f7d1cp-20f, b);
+    const float u = b * b;
+    const float hi = fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u, fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f));
+    const float j = fmaf(hi, u, fmaf(0x1.ffffecp-1f, b, 1.0f));
+    return ldexpf(j, (int)n); /* one rounding, like AVX-512 scalef */
+}
+
 void ops_swiglu(float *y, const float *gate, const float *up, int64_t n)
 {
     if (cpu_use_avx2()) {
         ops_avx2_swiglu(y, gate, up, n);
         return;
     }
+    /* llama.cpp: 16-element chunks through its vector exp, the rest through expf */
+    const int64_t nv = n / 16 * 16;
     for (int64_t i = 0; i < n; i++) {
         float g = gate[i];
-        y[i] = g / (1.0f + expf(-g)) * up[i];
+        float e = i < nv ? exp_vec_twin(-g) : expf(-g);
+        y[i] = g / (1.0f + e) * up[i];
     }
 }
 
