@@ -1,0 +1,338 @@
+/* tests/test_e2e.c: the whole service, as real processes on loopback.
+ *
+ * Starts build/bin/duetd and build/bin/duet-worker (role both) from a config written
+ * here, talks to them through libduet (and the Python client), and checks that:
+ *   - 32 concurrent greedy requests of mixed prompt and output lengths each get exactly the
+ *     tokens that single-process `duet generate` gives for the same prompt;
+ *   - a request sharing a long prefix with an earlier one reports cached prompt tokens and
+ *     gets its first token sooner; a session's second turn reuses the first turn's KV;
+ *   - the Python client gets the same tokens;
+ *   - SIGTERM shuts both processes down cleanly (exit status 0).
+ * Uses the default model when it is there (make model), else a tiny random model.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+#include <jansson.h>
+
+#include "client/libduet.h"
+#include "tests/support/gguf_write.h"
+
+#define DEFAULT_MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+#define N_REQ 32
+
+static char tmpdir[256], model[512], conf[512], endpoint[600], build[256];
+static pid_t duetd_pid = -1, worker_pid = -1;
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static pid_t spawn(char *const argv[], const char *log)
+{
+    pid_t pid = fork();
+    if (pid == 0) {
+        int fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+        }
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    return pid;
+}
+
+/* SIGTERM and wait up to timeout_ms; returns the exit status, or -1 (then SIGKILLed). */
+static int stop(pid_t *pid, int timeout_ms)
+{
+    if (*pid <= 0) return 0;
+    kill(*pid, SIGTERM);
+    int st = 0;
+    for (int waited = 0; waited < timeout_ms; waited += 20) {
+        pid_t r = waitpid(*pid, &st, WNOHANG);
+        if (r == *pid) {
+            *pid = -1;
+            return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        }
+        usleep(20000);
+    }
+    kill(*pid, SIGKILL);
+    waitpid(*pid, &st, 0);
+    *pid = -1;
+    return -1;
+}
+
+static void show_log(const char *name)
+{
+    char path[600], line[512];
+    snprintf(path, sizeof path, "%s/%s.log", tmpdir, name);
+    FILE *f = fopen(path, "r");
+    if (!f) return;
+    fprintf(stderr, "---- %s (last lines)\n", path);
+    long lines = 0;
+    while (fgets(line, sizeof line, f)) lines++;
+    rewind(f);
+    for (long i = 0; fgets(line, sizeof line, f); i++)
+        if (i >= lines - 15) fputs(line, stderr);
+    fclose(f);
+}
+
+static int setup(void **state)
+{
+    (void)state;
+    snprintf(build, sizeof build, "%s", getenv("BUILD") ? getenv("BUILD") : "build");
+    snprintf(tmpdir, sizeof tmpdir, "/tmp/duet-e2e-XXXXXX");
+    if (!mkdtemp(tmpdir)) return -1;
+    if (access(DEFAULT_MODEL, R_OK) == 0) {
+        snprintf(model, sizeof model, "%s", DEFAULT_MODEL);
+    } else {
+        printf("[  NOTE    ] %s is missing (make model): using a tiny random model\n", DEFAULT_MODEL);
+        mkmodel_opts o;
+        mkmodel_defaults(&o);
+        o.type = DTYPE_Q8_0;
+        o.n_embd = 128;
+        o.n_ff = 256;
+        snprintf(model, sizeof model, "%s/tiny.gguf", tmpdir);
+        char err[256];
+        if (mkmodel_write(&o, model, err, sizeof err) != 0) return -1;
+    }
+    snprintf(endpoint, sizeof endpoint, "ipc://%s/client.sock", tmpdir);
+    snprintf(conf, sizeof conf, "%s/duet.conf", tmpdir);
+    FILE *f = fopen(conf, "w");
+    if (!f) return -1;
+    fprintf(f,
+            "[model]\npath = %s\nkv_type = f16\n"
+            "[daemon]\nclient_endpoint = %s\nworker_endpoint = ipc://%s/worker.sock\n"
+            "heartbeat_ms = 500\nlog_level = info\n"
+            "[group main]\nrole = both\ntp_size = 1\ndevices = cpu\nthreads = 2\n"
+            "kv_budget = 96MiB\nmax_batch_tokens = 256\nmax_seqs = 64\n",
+            model, endpoint, tmpdir);
+    fclose(f);
+    char bin_d[300], bin_w[300], log_d[600], log_w[600];
+    snprintf(bin_d, sizeof bin_d, "%s/bin/duetd", build);
+    snprintf(bin_w, sizeof bin_w, "%s/bin/duet-worker", build);
+    snprintf(log_d, sizeof log_d, "%s/duetd.log", tmpdir);
+    snprintf(log_w, sizeof log_w, "%s/worker.log", tmpdir);
+    char *argv_d[] = {bin_d, "--config", conf, NULL};
+    char *argv_w[] = {bin_w, "--config", conf, "--group", "main", NULL};
+    duetd_pid = spawn(argv_d, log_d);
+    worker_pid = spawn(argv_w, log_w);
+    /* wait until duetd says it can serve */
+    duet_client *c = NULL;
+    if (duet_connect(endpoint, NULL, &c, NULL) != DUET_OK) return -1;
+    int ok = 0;
+    for (double t0 = now_ms(); !ok && now_ms() - t0 < 60000;) {
+        duet_health_info hi;
+        if (duet_health(c, 1000, &hi, NULL, NULL) == DUET_OK && hi.ok) ok = 1;
+        else usleep(100000);
+    }
+    duet_destroy(&c);
+    if (!ok) {
+        fprintf(stderr, "e2e: duetd did not become healthy within 60 s\n");
+        show_log("duetd");
+        show_log("worker");
+        return -1;
+    }
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    int rw = stop(&worker_pid, 15000), rd = stop(&duetd_pid, 15000);
+    if (rw != 0 || rd != 0) {
+        fprintf(stderr, "e2e: shutdown: duet-worker exit %d, duetd exit %d\n", rw, rd);
+        show_log("duetd");
+        show_log("worker");
+    }
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
+    if (system(cmd) != 0) return -1;
+    return rw == 0 && rd == 0 ? 0 : -1;
+}
+
+/* `duet generate`'s greedy token ids for prompt (the reference). */
+static int reference_ids(const char *prompt, int n, int32_t *ids, int cap)
+{
+    char cmd[4096], path[600];
+    snprintf(path, sizeof path, "%s/ref.txt", tmpdir);
+    FILE *pf = fopen(path, "w");
+    fputs(prompt, pf);
+    fclose(pf);
+    snprintf(cmd, sizeof cmd,
+             "%s/bin/duet generate -m '%s' -p \"$(cat '%s')\" -n %d -t 2 --print-ids --no-stats "
+             "2>&1 >/dev/null | sed -n 's/^generated ids: *//p'",
+             build, model, path, n);
+    FILE *p = popen(cmd, "r");
+    if (!p) return -1;
+    char line[8192] = "";
+    if (!fgets(line, sizeof line, p)) line[0] = 0;
+    pclose(p);
+    int k = 0;
+    for (char *s = line; *s && k < cap;) {
+        char *end;
+        long v = strtol(s, &end, 10);
+        if (end == s) break;
+        ids[k++] = (int32_t)v;
+        s = *end == ',' ? end + 1 : end;
+    }
+    return k;
+}
+
+static const char *words[] = {"the", "river", "quantum", "bread", "Paris", "seven", "engine",
+                              "music", "history", "green", "winter", "code", "light", "stone"};
+
+static void make_prompt(char *buf, size_t cap, int i)
+{
+    int n_words = 3 + (i * 37) % 90; /* mixed lengths: 3..92 words */
+    size_t off = (size_t)snprintf(buf, cap, "Request %d:", i);
+    for (int w = 0; w < n_words && off + 16 < cap; w++)
+        off += (size_t)snprintf(buf + off, cap - off, " %s", words[(i * 7 + w * 3) % 14]);
+}
+
+static void test_concurrent_equal_generate(void **state)
+{
+    (void)state;
+    duet_client *c = NULL;
+    assert_int_equal(duet_connect(endpoint, NULL, &c, NULL), DUET_OK);
+    static char prompts[N_REQ][1024];
+    duet_request *req[N_REQ];
+    int max_tokens[N_REQ];
+    for (int i = 0; i < N_REQ; i++) {
+        make_prompt(prompts[i], sizeof prompts[i], i);
+        duet_params p;
+        duet_params_init(&p);
+        p.prompt = prompts[i];
+        p.sampling.temperature = 0;
+        p.max_tokens = max_tokens[i] = 4 + (i * 13) % 37; /* mixed: 4..40 */
+        p.stream = i % 2;
+        duet_error err;
+        if (duet_generate(c, &p, &req[i], &err) != DUET_OK) fail_msg("generate %d: %s", i, err.message);
+    }
+    for (int i = 0; i < N_REQ; i++) {
+        const duet_result *r = NULL;
+        duet_error err;
+        if (duet_wait(req[i], 120000, &r, &err) != DUET_OK) fail_msg("request %d: %s", i, err.message);
+        int32_t ref[64];
+        int n = reference_ids(prompts[i], max_tokens[i], ref, 64);
+        if (n != r->n_token_ids || memcmp(ref, r->token_ids, (size_t)n * sizeof *ref) != 0)
+            fail_msg("request %d: %d tokens through duetd differ from duet generate's %d", i,
+                     r->n_token_ids, n);
+        duet_request_free(&req[i]);
+    }
+    printf("[ e2e      ] %d concurrent requests: every greedy answer equals duet generate's\n", N_REQ);
+    duet_destroy(&c);
+}
+
+static const duet_result *run(duet_client *c, duet_params *p, duet_request **req)
+{
+    duet_error err;
+    const duet_result *r = NULL;
+    if (duet_generate(c, p, req, &err) != DUET_OK) fail_msg("generate: %s", err.message);
+    if (duet_wait(*req, 120000, &r, &err) != DUET_OK) fail_msg("wait: %s", err.message);
+    return r;
+}
+
+static void test_prefix_cache_and_session(void **state)
+{
+    (void)state;
+    duet_client *c = NULL;
+    assert_int_equal(duet_connect(endpoint, NULL, &c, NULL), DUET_OK);
+    static char a[8192], b[8192];
+    size_t off = 0;
+    for (int w = 0; w < 300; w++) off += (size_t)snprintf(a + off, sizeof a - off, "%s ", words[(w * 5) % 14]);
+    memcpy(b, a, off);
+    snprintf(a + off, sizeof a - off, "First question?");
+    snprintf(b + off, sizeof b - off, "Another, different question?");
+    duet_params p;
+    duet_params_init(&p);
+    p.sampling.temperature = 0;
+    p.max_tokens = 4;
+    duet_request *ra = NULL, *rb = NULL;
+    p.prompt = a;
+    const duet_result *r1 = run(c, &p, &ra);
+    p.prompt = b;
+    const duet_result *r2 = run(c, &p, &rb);
+    printf("[ e2e      ] shared prefix: first %d prompt tokens (%d cached), TTFT %.1f ms; second %d "
+           "(%d cached), TTFT %.1f ms\n", r1->usage.prompt_tokens, r1->usage.cached_prompt_tokens,
+           r1->timings.ttft_ms, r2->usage.prompt_tokens, r2->usage.cached_prompt_tokens, r2->timings.ttft_ms);
+    assert_true(r2->usage.cached_prompt_tokens >= 256);
+    assert_true(r2->timings.ttft_ms < r1->timings.ttft_ms);
+    duet_request_free(&ra);
+    duet_request_free(&rb);
+
+    /* a session: the second turn's prompt holds the first turn, whose KV stays cached */
+    duet_message m[3] = {{"user", "Tell me about rivers and the sea, in some detail please."},
+                         {"assistant", NULL}, {"user", "And lakes?"}};
+    duet_params_init(&p);
+    p.sampling.temperature = 0;
+    p.max_tokens = 16;
+    p.session = "e2e-session";
+    p.messages = m;
+    p.n_messages = 1;
+    const duet_result *t1 = run(c, &p, &ra);
+    m[1].content = t1->text;
+    p.n_messages = 3;
+    const duet_result *t2 = run(c, &p, &rb);
+    printf("[ e2e      ] session: turn 1 %d prompt tokens, turn 2 %d prompt tokens of which %d cached\n",
+           t1->usage.prompt_tokens, t2->usage.prompt_tokens, t2->usage.cached_prompt_tokens);
+    assert_true(t2->usage.cached_prompt_tokens >= 16);
+    duet_request_free(&ra);
+    duet_request_free(&rb);
+    duet_destroy(&c);
+}
+
+static void test_python_client(void **state)
+{
+    (void)state;
+    if (access(".venv/bin/python", X_OK) != 0 ||
+        system(".venv/bin/python -c 'import zmq' 2>/dev/null") != 0) {
+        printf("[  SKIP    ] python client: .venv with pyzmq missing (scripts/setup installs it)\n");
+        skip();
+    }
+    const char *prompt = "The three most common colours of a flag are";
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd,
+             "PYTHONPATH=client/python .venv/bin/python -c \"import duet_client as d; "
+             "c = d.Client('%s'); r = c.complete(prompt='%s', max_tokens=12, temperature=0); "
+             "print(','.join(map(str, r.token_ids)))\"", endpoint, prompt);
+    FILE *p = popen(cmd, "r");
+    assert_non_null(p);
+    char line[4096] = "";
+    if (!fgets(line, sizeof line, p)) line[0] = 0;
+    int rc = pclose(p);
+    if (rc != 0) fail_msg("python client failed (exit %d): %s", rc, line);
+    int32_t ref[64];
+    int n = reference_ids(prompt, 12, ref, 64);
+    char want[4096] = "";
+    size_t off = 0;
+    for (int i = 0; i < n; i++) off += (size_t)snprintf(want + off, sizeof want - off, "%s%d", i ? "," : "", ref[i]);
+    line[strcspn(line, "\n")] = 0;
+    if (strcmp(line, want) != 0) fail_msg("python client got [%s], duet generate [%s]", line, want);
+    printf("[ e2e      ] python client: same tokens as duet generate\n");
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_concurrent_equal_generate),
+        cmocka_unit_test(test_prefix_cache_and_session),
+        cmocka_unit_test(test_python_client),
+    };
+    return cmocka_run_group_tests_name("e2e", tests, setup, teardown);
+}
