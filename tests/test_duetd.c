@@ -1509,7 +1509,7 @@ static void test_routing(void **state)
     result_free(&r);
     for (int i = 0; i < 3; i++) {
         cl_send(cl, "generate", "{\"id\":\"s%d\",\"prompt\":\"y%d\",\"max_tokens\":2,\"session\":\"conv\"}", i + 2, i);
-        char id[8];
+        char id[16];
         snprintf(id, sizeof id, "s%d", i + 2);
         collect(cl, id, &r, WAIT_MS);
         assert_string_equal(r.text, first);
