@@ -957,7 +957,6 @@ static void on_client_msg(coord_t *c, proto_rc rc, proto_msg *msg, const proto_e
         return;
     }
     if (fd >= 0) cl->fd = fd;
-    CDEBUG(c, "client message '%s' on fd %d", proto_cmd_name(msg->cmd), fd);
     if (rc == PROTO_INVALID) {
         client_error(c, cl, err->id, err->cmd, err->code, 0, "%s", err->message);
     } else {
@@ -1068,7 +1067,6 @@ static void drain_monitor(coord_t *c, void *mon, int clients)
             else more = zmq_msg_more(&m);
             zmq_msg_close(&m);
         }
-        CDEBUG(c, "%s socket: event %u on fd %u", clients ? "client" : "worker", ev, value);
         if (ev != ZMQ_EVENT_DISCONNECTED) continue;
         int fd = (int)value;
         if (!clients) {

@@ -94,17 +94,13 @@ static void *dd_thread(void *arg)
     return NULL;
 }
 
-/* Start a coordinator: [daemon] lines in daemon_extra, then the [group] sections. */
-static void dd_start_opts(dd_t *d, int hb_ms, const char *daemon_extra, const char *groups, const coord_opts *oo)
+/* Start a coordinator on cfg (taken). */
+static void dd_start_cfg(dd_t *d, int hb_ms, duet_config *cfg, const coord_opts *oo)
 {
     memset(d, 0, sizeof *d);
     pthread_mutex_init(&d->mu, NULL);
     d->hb_ms = hb_ms;
-    char text[4096], err[4096];
-    snprintf(text, sizeof text, "[model]\npath = %s\n[daemon]\nheartbeat_ms = %d\nlog_level = debug\n%s\n%s", g_model,
-             hb_ms, daemon_extra ? daemon_extra : "", groups);
-    duet_config *cfg = NULL;
-    if (config_parse(text, "test.conf", &cfg, err, sizeof err) != 0) fail_msg("config: %s\n%s", err, text);
+    char err[4096];
     coord_opts o;
     if (oo) o = *oo;
     else coord_opts_default(&o);
@@ -121,6 +117,17 @@ static void dd_start_opts(dd_t *d, int hb_ms, const char *daemon_extra, const ch
     d->zctx = zmq_ctx_new();
     assert_int_equal(pthread_create(&d->th, NULL, dd_thread, d), 0);
     d->running = 1;
+}
+
+/* Start a coordinator: [daemon] lines in daemon_extra, then the [group] sections. */
+static void dd_start_opts(dd_t *d, int hb_ms, const char *daemon_extra, const char *groups, const coord_opts *oo)
+{
+    char text[4096], err[4096];
+    snprintf(text, sizeof text, "[model]\npath = %s\n[daemon]\nheartbeat_ms = %d\nlog_level = debug\n%s\n%s", g_model,
+             hb_ms, daemon_extra ? daemon_extra : "", groups);
+    duet_config *cfg = NULL;
+    if (config_parse(text, "test.conf", &cfg, err, sizeof err) != 0) fail_msg("config: %s\n%s", err, text);
+    dd_start_cfg(d, hb_ms, cfg, oo);
 }
 
 static void dd_start(dd_t *d, int hb_ms, const char *daemon_extra, const char *groups)
@@ -1597,6 +1604,95 @@ static void test_drain_timeout(void **state)
     dd_stop(&d);
 }
 
+/* SIGHUP: reloadable keys apply (RELOADING=1 then READY=1); others are refused whole. */
+static void test_reload(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/duetd_reload_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char path[256], err[4096];
+    snprintf(path, sizeof path, "%s/duet.conf", dir);
+    const char *fmt = "[model]\npath = %s\n[daemon]\nheartbeat_ms = %d\nqueue_limit = %d\n" ONE_GROUP;
+    FILE *f = fopen(path, "w");
+    fprintf(f, fmt, g_model, 1000, 7);
+    fclose(f);
+    duet_config *cfg = NULL;
+    assert_int_equal(config_load(path, &cfg, err, sizeof err), 0);
+    dd_t d;
+    dd_start_cfg(&d, 1000, cfg, NULL);
+    void *cl = cl_open(&d);
+    json_t *st = status_of(cl, "status");
+    assert_int_equal(jint(json_object_get(st, "queue"), "limit"), 7);
+    json_decref(st);
+    f = fopen(path, "w");
+    fprintf(f, fmt, g_model, 1000, 9);
+    fclose(f);
+    coord_signal(d.c, COORD_SIG_RELOAD);
+    st = status_of(cl, "status");
+    assert_int_equal(jint(json_object_get(st, "queue"), "limit"), 9);
+    json_decref(st);
+    pthread_mutex_lock(&d.mu);
+    assert_non_null(strstr(d.notes, "RELOADING=1"));
+    assert_non_null(strstr(strstr(d.notes, "RELOADING=1"), "READY=1"));
+    pthread_mutex_unlock(&d.mu);
+    /* heartbeat_ms needs a restart: nothing of this file applies */
+    f = fopen(path, "w");
+    fprintf(f, fmt, g_model, 900, 11);
+    fclose(f);
+    coord_signal(d.c, COORD_SIG_RELOAD);
+    st = status_of(cl, "status");
+    assert_int_equal(jint(json_object_get(st, "queue"), "limit"), 9);
+    json_decref(st);
+    /* a broken file changes nothing either */
+    f = fopen(path, "w");
+    fprintf(f, "[model]\npath = %s\n[daemon]\nqueue_limit = many\n" ONE_GROUP, g_model);
+    fclose(f);
+    coord_signal(d.c, COORD_SIG_RELOAD);
+    json_t *h = status_of(cl, "health");
+    json_decref(h);
+    zmq_close(cl);
+    dd_stop(&d);
+    unlink(path);
+    rmdir(dir);
+}
+
+/* Requests in flight per connection are bounded (busy beyond). */
+static void test_inflight_limit(void **state)
+{
+    (void)state;
+    coord_opts o;
+    coord_opts_default(&o);
+    o.max_inflight_per_client = 2;
+    dd_t d;
+    dd_start_opts(&d, 1000, NULL, ONE_GROUP, &o);
+    fw_t w;
+    fw_init(&w, &d, "w");
+    script_chars(&w, d.tok, "ab");
+    atomic_store(&w.hold, 1);
+    assert_int_equal(fw_start(&w), 1);
+    void *cl = cl_open(&d), *other = cl_open(&d);
+    cl_send(cl, "generate", "{\"id\":\"i1\",\"prompt\":\"x\",\"max_tokens\":2}");
+    cl_send(cl, "generate", "{\"id\":\"i2\",\"prompt\":\"x\",\"max_tokens\":2}");
+    cl_send(cl, "generate", "{\"id\":\"i3\",\"prompt\":\"x\",\"max_tokens\":2}");
+    json_t *e = expect_error(cl, "busy");
+    assert_string_equal(jstr(e, "id"), "i3");
+    json_decref(e);
+    /* another connection has its own budget */
+    cl_send(other, "generate", "{\"id\":\"i1\",\"prompt\":\"x\",\"max_tokens\":2}");
+    atomic_store(&w.hold, 0);
+    result_t r;
+    collect(other, "i1", &r, WAIT_MS);
+    assert_int_equal(r.end, PROTO_CMD_DONE);
+    result_free(&r);
+    collect(cl, "i2", &r, WAIT_MS);
+    assert_int_equal(r.end, PROTO_CMD_DONE);
+    result_free(&r);
+    zmq_close(cl);
+    zmq_close(other);
+    fw_stop(&w);
+    dd_stop(&d);
+}
+
 /* ---- the program --------------------------------------------------------------------------------------- */
 
 static int run_duetd(const char *args, char *out, size_t cap)
@@ -1719,6 +1815,8 @@ int main(void)
         cmocka_unit_test(test_routing),
         cmocka_unit_test(test_drain),
         cmocka_unit_test(test_drain_timeout),
+        cmocka_unit_test(test_reload),
+        cmocka_unit_test(test_inflight_limit),
         cmocka_unit_test(test_check_config),
     };
     const char *filter = getenv("DUETD_TEST_FILTER"); /* e.g. test_cancel, or test_w* */
