@@ -23,7 +23,8 @@
 #define MAX_FRAMES 16       /* frames kept of one received message */
 #define TICK_MIN_MS 5       /* shortest timer period */
 #define TICK_MAX_MS 100     /* longest */
-#define BLOCKED_RETRY_MS 2  /* poll timeout while a client's output waits */
+#define BLOCKED_RETRY_MS 2  /* poll timeout while a client's output waits ... */
+#define BLOCKED_RETRY_MAX 64 /* ... doubling up to this while no waiting output moves */
 #define DRAIN_FLUSH_MS 1000 /* how long a finished drain still tries to deliver output */
 #define SESSIONS_MAX 65536  /* sessions remembered (least recently used forgotten) */
 #define DELTA_OVERHEAD 64   /* bytes of a delta besides its text and ids (estimate) */
@@ -555,13 +556,16 @@ static size_t client_buffered(const cclient *cl)
     return b;
 }
 
-/* Send what cl has waiting, in order; stops at a full pipe. */
-static void client_flush(coord_t *c, cclient *cl)
+/* Send what cl has waiting, in order; stops at a full pipe. Returns the number of
+ * messages sent. */
+static int client_flush(coord_t *c, cclient *cl)
 {
+    int sent = 0;
     cl->blocked = 0;
     while (cl->oq_head) {
         coutmsg *m = cl->oq_head;
-        if (client_send(c, cl, m->cmd, m->body) != 0) return;
+        if (client_send(c, cl, m->cmd, m->body) != 0) return sent;
+        sent++;
         cl->oq_head = m->next;
         if (!cl->oq_head) cl->oq_tail = NULL;
         cl->oq_bytes -= m->bytes;
@@ -580,7 +584,8 @@ static void client_flush(coord_t *c, cclient *cl)
             json_t *body = proto_accepted_build(&a);
             int rc = body ? client_send(c, cl, PROTO_CMD_ACCEPTED, body) : 0;
             json_decref(body);
-            if (rc != 0) return;
+            if (rc != 0) return sent;
+            sent++;
             r->accepted_sent = 1;
         }
         if (req_has_delta(r)) {
@@ -590,7 +595,7 @@ static void client_flush(coord_t *c, cclient *cl)
             d.index = r->sent_tokens;
             size_t end = r->shown;
             char *text = malloc(end - r->sent_text + 1);
-            if (!text) return;
+            if (!text) return sent;
             memcpy(text, r->text ? r->text + r->sent_text : "", end - r->sent_text);
             text[end - r->sent_text] = 0;
             d.text = text;
@@ -600,15 +605,18 @@ static void client_flush(coord_t *c, cclient *cl)
             free(text);
             int rc = body ? client_send(c, cl, PROTO_CMD_DELTA, body) : 0;
             json_decref(body);
-            if (rc != 0) return;
+            if (rc != 0) return sent;
+            sent++;
             r->sent_tokens = r->n_gen;
             r->sent_text = end;
         }
         if (r->state > COORD_DECODING) {
-            if (r->final && client_send(c, cl, r->final_cmd, r->final) != 0) return;
+            if (r->final && client_send(c, cl, r->final_cmd, r->final) != 0) return sent;
+            sent++;
             coord_req_free(c, r);
         }
     }
+    return sent;
 }
 
 /* A client whose output is over client_buffer_bytes: its running requests end with
@@ -648,13 +656,13 @@ static void client_drop(coord_t *c, cclient *cl)
     client_free(c, cl);
 }
 
-/* Deliver waiting output; drop gone clients; free idle ones. */
-static void flush_all(coord_t *c)
+/* Deliver waiting output; drop gone clients; free idle ones. Returns the messages sent. */
+static int flush_all(coord_t *c)
 {
-    int keep = 0;
+    int keep = 0, sent = 0;
     for (int i = 0; i < c->n_flush; i++) {
         cclient *cl = c->flush[i];
-        if (!cl->gone) client_flush(c, cl);
+        if (!cl->gone) sent += client_flush(c, cl);
         if (!cl->gone && cl->blocked) client_slow(c, cl);
         if (cl->gone) {
             client_drop(c, cl);
@@ -668,6 +676,7 @@ static void flush_all(coord_t *c)
         if (cl->n_reqs == 0 && !cl->oq_head) client_free(c, cl);
     }
     c->n_flush = keep;
+    return sent;
 }
 
 /* ---- the client protocol -------------------------------------------------------------------- */
@@ -1442,12 +1451,12 @@ int coord_run(coord_t *c)
     int period = hb / 4 < TICK_MIN_MS ? TICK_MIN_MS : hb / 4 > TICK_MAX_MS ? TICK_MAX_MS : hb / 4;
     c->next_tick = coord_now_ms() + period;
     double flush_deadline = 0;
-    int rc = 0;
+    int rc = 0, retry_ms = BLOCKED_RETRY_MS;
     while (c->phase != COORD_DONE) {
         double now = coord_now_ms();
         int timeout = (int)(c->next_tick - now);
         if (timeout < 0) timeout = 0;
-        if (c->n_flush > 0 && timeout > BLOCKED_RETRY_MS) timeout = BLOCKED_RETRY_MS;
+        if (c->n_flush > 0 && timeout > retry_ms) timeout = retry_ms;
         zmq_pollitem_t items[6] = {
             {.socket = c->wsock, .events = ZMQ_POLLIN},
             {.socket = c->csock, .events = ZMQ_POLLIN},
@@ -1484,7 +1493,9 @@ int coord_run(coord_t *c)
             c->next_tick = now + period;
         }
         coord_schedule(c);
-        flush_all(c);
+        int had = c->n_flush;
+        if (flush_all(c) > 0 || c->n_flush < had) retry_ms = BLOCKED_RETRY_MS;
+        else if (c->n_flush > 0 && retry_ms < BLOCKED_RETRY_MAX) retry_ms *= 2;
         if (c->phase == COORD_DRAINING) {
             if (c->n_queued + c->n_running > 0 && now >= c->drain_deadline) {
                 CWARN(c, "drain: drain_timeout_ms ran out; cancelling %d requests", c->n_queued + c->n_running);

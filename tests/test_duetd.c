@@ -1073,7 +1073,7 @@ static void test_worker_dies_retry(void **state)
 {
     (void)state;
     dd_t d;
-    dd_start(&d, 40, "dead_after = 3", TWO_GROUPS);
+    dd_start(&d, 100, "dead_after = 3", TWO_GROUPS);
     fw_t a, b;
     fw_init(&a, &d, "w-a");
     fw_init(&b, &d, "w-b");
