@@ -13,8 +13,11 @@
  * What it does (colocated groups, role `both`; prefill/decode groups register but are not
  * routed to yet):
  *   - registers workers (model SHA-256, KV layout, place from the [group] sections),
- *     heartbeats both ways, declares a worker silent for dead_after intervals dead and
- *     retries its requests on another group (max_retries) or fails them (`worker_lost`);
+ *     heartbeats both ways, declares a worker silent for dead_after intervals (or whose
+ *     connection closed) dead and retries its requests on another group, resuming from
+ *     the tokens already sent (max_retries; with no group left they wait up to
+ *     2 x dead_after heartbeat intervals for one to come back), else fails them
+ *     (`worker_lost`);
  *   - keeps the request table (states: coord_state), tokenizes (chat templates for
  *     `messages`), checks limits, admits (queue_limit, when_full, KV budgets), routes to
  *     the group with the longest cached prefix and then the least load (sessions stick to

@@ -217,6 +217,7 @@ struct coord {
     char *nccl_id;               /* from comm_id, or NULL */
     int failover_pending;        /* some group has failover set */
     int comm_changed;            /* the live TCP ranks changed: send comm_init */
+    double t_groups_down;        /* when the last ready group went down, or 0 */
 
     /* requests */
     cmap reqs;                   /* rid -> creq (running ones) */

@@ -373,10 +373,9 @@ static void req_retry(coord_t *c, creq *r, int avoid, const char *why)
         coord_req_fail(c, r, PROTO_ERR_WORKER_LOST, "%s; its %d retries (max_retries) are spent", why, r->retries);
         return;
     }
-    if (coord_groups_ready(c) == 0) {
-        coord_req_fail(c, r, PROTO_ERR_WORKER_LOST, "%s, and no other group can take it over", why);
-        return;
-    }
+    /* with no group ready it waits in the queue for one to come back (a worker declared
+     * dead registers again at once when it was only slow); coord_worker_tick fails it
+     * when none does within the grace time */
     r->retries++;
     c->st_retried++;
     r->avoid_group = avoid;
@@ -404,11 +403,7 @@ void coord_failover(coord_t *c)
             req_retry(c, r, g->id, why);
         }
     }
-    if (pending && coord_groups_ready(c) == 0) {
-        while (c->q_head)
-            coord_req_fail(c, c->q_head, PROTO_ERR_WORKER_LOST,
-                           "every worker group is down: none can serve the request");
-    }
+    if (pending && coord_groups_ready(c) == 0 && c->t_groups_down <= 0) c->t_groups_down = coord_now_ms();
     if (c->comm_changed) send_comm_tcp(c);
     coord_notify_status(c);
 }
@@ -870,6 +865,16 @@ void coord_worker_tick(coord_t *c, double now)
         }
     }
     coord_failover(c);
+    /* every group down: queued requests wait for one to come back, up to the grace time */
+    if (coord_groups_ready(c) > 0) {
+        c->t_groups_down = 0;
+    } else if (c->q_head && c->t_groups_down > 0) {
+        double grace = 2.0 * c->cfg->daemon.dead_after * hb;
+        if (now - c->t_groups_down > grace)
+            while (c->q_head)
+                coord_req_fail(c, c->q_head, PROTO_ERR_WORKER_LOST,
+                               "every worker group is down and none came back within %.0f ms", grace);
+    }
 }
 
 /* ---- status and health ---------------------------------------------------------------------- */
