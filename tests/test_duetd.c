@@ -1693,6 +1693,54 @@ static void test_inflight_limit(void **state)
     dd_stop(&d);
 }
 
+/* Many concurrent streams through one worker: every stream is complete and in order;
+ * prints the rate duetd relays tokens at (one token per delta). */
+static void test_many_streams(void **state)
+{
+    (void)state;
+    dd_t d;
+    dd_start(&d, 1000, NULL, ONE_GROUP);
+    fw_t w;
+    fw_init(&w, &d, "w");
+    script_chars(&w, d.tok, "The quick brown fox jumps over the lazy dog. ");
+    int len = w.n_script;
+    for (int i = len; i < 256; i++) w.script[i] = w.script[i % len];
+    w.n_script = 256;
+    w.step_ms = 0;
+    atomic_store(&w.hold, 1);
+    assert_int_equal(fw_start(&w), 1);
+    enum { N = 32 };
+    void *cl = cl_open(&d);
+    for (int i = 0; i < N; i++)
+        cl_send(cl, "generate", "{\"id\":\"m%d\",\"prompt\":\"x\",\"max_tokens\":256,\"stream\":true,\"ignore_eos\":true}", i);
+    assert_true(fw_wait(&w, &w.n_assign, N, WAIT_MS));
+    double t0 = now_ms();
+    atomic_store(&w.hold, 0);
+    int done = 0, tokens[N] = {0}, deltas = 0;
+    while (done < N) {
+        proto_cmd cmd;
+        json_t *b;
+        assert_int_equal(cl_recv(cl, &cmd, &b, WAIT_MS), 0);
+        int i = atoi(jstr(b, "id") + 1);
+        if (cmd == PROTO_CMD_DELTA) {
+            assert_int_equal(jint(b, "index"), tokens[i]);
+            tokens[i] += (int)json_array_size(json_object_get(b, "token_ids"));
+            deltas++;
+        } else if (cmd == PROTO_CMD_DONE) {
+            assert_int_equal(tokens[i], 256);
+            assert_int_equal(jint(json_object_get(b, "usage"), "completion_tokens"), 256);
+            done++;
+        }
+        json_decref(b);
+    }
+    double ms = now_ms() - t0;
+    printf("[ duetd    ] %d streams x 256 tokens in %.0f ms: %.0f tokens/s relayed in %d deltas\n", N, ms,
+           N * 256 / (ms / 1e3), deltas);
+    zmq_close(cl);
+    fw_stop(&w);
+    dd_stop(&d);
+}
+
 /* ---- the program --------------------------------------------------------------------------------------- */
 
 static int run_duetd(const char *args, char *out, size_t cap)
@@ -1815,6 +1863,7 @@ int main(void)
         cmocka_unit_test(test_routing),
         cmocka_unit_test(test_drain),
         cmocka_unit_test(test_drain_timeout),
+        cmocka_unit_test(test_many_streams),
         cmocka_unit_test(test_reload),
         cmocka_unit_test(test_inflight_limit),
         cmocka_unit_test(test_check_config),
