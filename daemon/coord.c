@@ -1329,14 +1329,18 @@ static void reload(coord_t *c)
     char err[8192];
     if (config_load(path, &nc, err, sizeof err) != 0) {
         CERR(c, "reload of %s refused: the file has errors:", path);
-        for (char *line = strtok(err, "\n"); line; line = strtok(NULL, "\n")) CERR(c, "  %s", line);
+        char *sv = NULL;
+        for (char *line = strtok_r(err, "\n", &sv); line; line = strtok_r(NULL, "\n", &sv))
+            CERR(c, "  %s", line);
         return;
     }
     char diff[8192];
     int restart = config_diff_reloadable(c->cfg, nc, diff, sizeof diff);
     if (restart != 0) {
         CERR(c, "reload of %s refused: %d changes need a restart (nothing applied):", path, restart);
-        for (char *line = strtok(diff, "\n"); line; line = strtok(NULL, "\n")) CERR(c, "  %s", line);
+        char *sv = NULL;
+        for (char *line = strtok_r(diff, "\n", &sv); line; line = strtok_r(NULL, "\n", &sv))
+            CERR(c, "  %s", line);
         config_free(&nc);
         return;
     }
@@ -1365,8 +1369,10 @@ static void reload(coord_t *c)
         }
         gguf_close(&g);
     }
+    char *sv = NULL;
     if (*diff)
-        for (char *line = strtok(diff, "\n"); line; line = strtok(NULL, "\n")) CINFO(c, "reload: %s", line);
+        for (char *line = strtok_r(diff, "\n", &sv); line; line = strtok_r(NULL, "\n", &sv))
+            CINFO(c, "reload: %s", line);
     else
         CINFO(c, "reload: %s unchanged", path);
     config_free(&old);

@@ -635,8 +635,8 @@ static void on_register(coord_t *c, proto_msg *msg, int fd)
     }
     for (cworker *w = c->workers; w; w = w->next)
         if (w->alive && strcmp(w->worker_id, reg.worker_id) == 0) {
-            refuse(c, &msg->route, PROTO_ERR_DUPLICATE_WORKER, "register: worker '%s' is registered and alive (rank %d)",
-                   reg.worker_id, w->rank);
+            refuse(c, &msg->route, PROTO_ERR_DUPLICATE_WORKER,
+                   "register: worker '%s' is registered and alive (rank %d)", reg.worker_id, w->rank);
             goto out;
         }
     if (!(g = find_place(c, &reg, why, sizeof why))) {
