@@ -118,7 +118,7 @@ static int setup(void **state)
     fprintf(f,
             "[model]\npath = %s\nkv_type = f16\n"
             "[daemon]\nclient_endpoint = %s\nworker_endpoint = ipc://%s/worker.sock\n"
-            "heartbeat_ms = 500\nlog_level = info\n"
+            "heartbeat_ms = 1000\ndead_after = 5\nlog_level = info\n"
             "[group main]\nrole = both\ntp_size = 1\ndevices = cpu\nthreads = 2\n"
             "kv_budget = 96MiB\nmax_batch_tokens = 256\nmax_seqs = 64\n",
             model, endpoint, tmpdir);
