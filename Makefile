@@ -158,10 +158,14 @@ install: all
 	install -m 644 $(LIB) $(DESTDIR)$(PREFIX)/lib/
 	install -m 644 kv/*.h $(DESTDIR)$(PREFIX)/include/duet/kv/
 	install -m 644 client/libduet.h $(DESTDIR)$(PREFIX)/include/duet/
+	install -d $(DESTDIR)$(PREFIX)/lib/systemd/system $(DESTDIR)$(PREFIX)/share/doc/duet
+	install -m 644 systemd/duetd.service systemd/duet-worker@.service $(DESTDIR)$(PREFIX)/lib/systemd/system/
+	install -m 644 conf/duet.conf docs/PROTOCOL.md $(DESTDIR)$(PREFIX)/share/doc/duet/
 
 uninstall:
 	rm -f $(foreach p,$(PROGS),$(DESTDIR)$(PREFIX)/bin/$(notdir $(p))) $(DESTDIR)$(PREFIX)/lib/libduet.a
-	rm -rf $(DESTDIR)$(PREFIX)/include/duet
+	rm -rf $(DESTDIR)$(PREFIX)/include/duet $(DESTDIR)$(PREFIX)/share/doc/duet
+	rm -f $(DESTDIR)$(PREFIX)/lib/systemd/system/duetd.service $(DESTDIR)$(PREFIX)/lib/systemd/system/duet-worker@.service
 
 clean:
 	rm -rf $(BUILD)
