@@ -83,6 +83,8 @@ LINK_LIBS := $(LIB) $(CUDA_LIB)
 
 # ---- rules -----------------------------------------------------------------
 .PHONY: all lib test asan bench install uninstall clean model golden setup check-deps
+# Keep the objects of tests, tools and benchmarks (intermediates of pattern rules).
+.SECONDARY:
 .DEFAULT_GOAL := all
 
 all: check-deps $(LIB) $(CUDA_LIB) $(PROGS) $(TEST_BIN) $(BENCH_BIN) $(TOOL_BIN)
