@@ -375,7 +375,7 @@ static void req_end(coord_t *c, creq *r, coord_state st, proto_cmd cmd, json_t *
     r->final_cmd = cmd;
     r->final = body;
     r->final_bytes = json_bytes(body);
-    if (!body) CERR(c, "out of memory building the last message of request %s", r->id);
+    if (!body && cmd != PROTO_CMD_NONE) CERR(c, "out of memory building the last message of request %s", r->id);
     if (r->client) {
         r->client->n_active--;
         coord_client_dirty(c, r->client);
@@ -1027,8 +1027,12 @@ static proto_rc recv_one(void *sock, proto_side side, proto_msg *msg, proto_err 
     return out;
 }
 
+static void drain_monitor(coord_t *c, void *mon, int clients);
+
 static void drain_socket(coord_t *c, void *sock, proto_side side)
 {
+    int clients = side == PROTO_SIDE_DUETD_CLIENTS;
+    void *mon = clients ? c->cmon : c->wmon;
     for (int k = 0; k < RECV_BATCH; k++) {
         proto_msg msg;
         proto_err err;
@@ -1040,7 +1044,12 @@ static void drain_socket(coord_t *c, void *sock, proto_side side)
             if (errno != EINTR) CERR(c, "receiving: %s", err.message);
             return;
         }
-        if (side == PROTO_SIDE_DUETD_CLIENTS) {
+        /* A closed connection's fd is reused by the next one accepted. Its DISCONNECTED
+         * event is queued on the monitor before the fd is closed, so before any message
+         * of a later connection on that fd arrives: take those events now, or the new
+         * client (or worker) would be taken for the one that left when they come. */
+        if (mon) drain_monitor(c, mon, clients);
+        if (clients) {
             on_client_msg(c, rc, &msg, &err, fd);
         } else if (rc == PROTO_INVALID) {
             CWARN(c, "worker message refused: %s: %s", proto_code_name(err.code), err.message);
