@@ -62,16 +62,32 @@ void ops_swiglu(float *y, const float *gate, const float *up, int64_t n)
 
 void ops_softmax(float *x, int64_t n)
 {
+    /* llama.cpp's soft_max arithmetic: max, then e^(x - max) through its vector exp in
+     * 16-element chunks (each chunk summed as a float tree, chunks added in double) and
+     * expf for the last n % 16, then x * (float)(1 / sum) */
     if (n <= 0) return;
-    float mx = x[0];
-    for (int64_t i = 1; i < n; i++) mx = fmaxf(mx, x[i]);
-    double sum = 0.0;
-    for (int64_t i = 0; i < n; i++) {
-        x[i] = expf(x[i] - mx);
-        sum += x[i];
+    if (cpu_use_avx2()) {
+        ops_avx2_softmax(x, n);
+        return;
     }
-    float inv = (float)(1.0 / sum);
-    for (int64_t i = 0; i < n; i++) x[i] *= inv;
+    float mx = x[0];
+    for (int64_t i = 1; i < n; i++)
+        if (x[i] > mx) mx = x[i];
+    double sum = 0.0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        float e[16], t[8];
+        for (int l = 0; l < 16; l++) x[i + l] = e[l] = exp_vec_twin(x[i + l] - mx);
+        for (int l = 0; l < 8; l++) t[l] = e[l] + e[l + 8];
+        for (int l = 0; l < 4; l++) t[l] += t[l + 4];
+        sum += (double)((t[0] + t[2]) + (t[1] + t[3]));
+    }
+    for (; i < n; i++) {
+        x[i] = expf(x[i] - mx);
+        sum += (double)x[i];
+    }
+    const float inv = (float)(1.0 / sum);
+    for (i = 0; i < n; i++) x[i] *= inv;
 }
 
 void ops_add(float *y, const float *a, const float *b, int64_t n)

@@ -63,3 +63,40 @@ void ops_avx2_swiglu(float *y, const float *gate, const float *up, int64_t n)
         }
     for (; i < n; i++) y[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
+
+void ops_avx2_softmax(float *x, int64_t n)
+{
+    /* the arithmetic of ops_softmax: max (exact in any order), e^(x - max) 16 at a time
+     * with each 16-sum reduced in float as a tree (lane i + lane i+8, then i+4, i+2, i+1)
+     * and accumulated in double, expf for the last n % 16, then x * (float)(1 / sum) */
+    int64_t i = 0;
+    __m256 vm = _mm256_set1_ps(x[0]);
+    for (; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
+    float mx;
+    {
+        float t[8];
+        _mm256_storeu_ps(t, vm);
+        mx = t[0];
+        for (int l = 1; l < 8; l++)
+            if (t[l] > mx) mx = t[l];
+        for (; i < n; i++)
+            if (x[i] > mx) mx = x[i];
+    }
+    double sum = 0.0;
+    const __m256 m = _mm256_set1_ps(mx);
+    for (i = 0; i + 16 <= n; i += 16) {
+        __m256 lo = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), m));
+        __m256 hi = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), m));
+        _mm256_storeu_ps(x + i, lo);
+        _mm256_storeu_ps(x + i + 8, hi);
+        sum += (double)hsum256(_mm256_add_ps(lo, hi));
+    }
+    for (; i < n; i++) {
+        x[i] = expf(x[i] - mx);
+        sum += (double)x[i];
+    }
+    const float inv = (float)(1.0 / sum);
+    const __m256 vi = _mm256_set1_ps(inv);
+    for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), vi));
+    for (; i < n; i++) x[i] *= inv;
+}

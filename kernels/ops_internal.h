@@ -5,5 +5,7 @@
 #include <stdint.h>
 
 void ops_avx2_swiglu(float *y, const float *gate, const float *up, int64_t n);
+/* ops_softmax, same bits. */
+void ops_avx2_softmax(float *x, int64_t n);
 
 #endif

@@ -91,6 +91,24 @@ static void test_softmax_add_scale(void **state)
     for (int i = 0; i < 37; i++) assert_float_equal(y[i], a[i] * 0.5f, 0);
 }
 
+/* Masked (-inf) entries, as attention pads a row to a multiple of 16, come out exactly 0
+ * and leave the others as they are without the padding (up to the 16-chunk boundary). */
+static void test_softmax_masked(void **state)
+{
+    (void)state;
+    float x[48], y[48];
+    for (int i = 0; i < 48; i++) x[i] = frand() * 10;
+    for (int i = 0; i < 48; i++) y[i] = i < 37 ? x[i] : -INFINITY;
+    ops_softmax(y, 48);
+    double tot = 0;
+    for (int i = 0; i < 48; i++) tot += y[i];
+    for (int i = 37; i < 48; i++) assert_true(y[i] == 0.0f);
+    assert_close((float)tot, 1.0, 1e-6, 0);
+    float big[4] = {1e30f, -1e30f, 0.0f, 88.0f};
+    ops_softmax(big, 4);
+    assert_true(big[0] == 1.0f && big[1] == 0.0f && big[2] == 0.0f && big[3] == 0.0f);
+}
+
 /* Naive RoPE in double. */
 static void rope_ref(double *x, int n_head, int head_dim, int pos, const ops_rope_params *p)
 {
@@ -170,6 +188,7 @@ int main(int argc, char **argv)
     (void)argc;
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_rmsnorm), cmocka_unit_test(test_swiglu), cmocka_unit_test(test_softmax_add_scale),
+        cmocka_unit_test(test_softmax_masked),
         cmocka_unit_test(test_rope),    cmocka_unit_test(test_embed),
     };
     fprintf(stderr, "test_ops: %s path\n", cpu_path_name());
