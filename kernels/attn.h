@@ -4,7 +4,10 @@
  * one V array of [n_blocks][n_kv_heads][block_tokens][head_dim] elements, so the keys of
  * one block and one KV head are contiguous. A sequence's position p lives in block
  * block_table[p / block_tokens], slot p % block_tokens. Nothing is gathered: each query
- * walks its sequence's blocks in order with an online (streaming) softmax.
+ * row walks its sequence's blocks twice: first every score (q·k, scaled), then an exact
+ * softmax over them, then the values weighted by it. The orders of these sums follow
+ * llama.cpp's, so that duet's logits match its bits (tests/test_golden.c); each row is
+ * computed the same way whatever else is in the batch (batch invariance).
  *
  * Grouped-query attention: query head h reads KV head h / (n_head / n_kv_head); the
  * query heads of one group are processed together so each key and value row is read
@@ -38,7 +41,8 @@ typedef struct {
 /* out[t][h][:] = softmax(q[t][h]·K[0..pos_t] * scale) · V[0..pos_t] for every query row t
  * and query head h; q, out: [n_q][n_head][head_dim]. Work is split across the pool's
  * threads by (row, KV group). pool may be NULL (runs on the caller's thread).
- * Returns 0, or -1 for an unsupported dtype or head counts that do not divide. */
+ * Returns 0, or -1 for an unsupported dtype, head counts that do not divide, or when a
+ * thread's score buffer (one row of scores per query head of a group) cannot be allocated. */
 int attn_paged(pool_t *pool, const attn_kv_view *kv, const attn_query *rows, int n_q,
                int n_head, const float *q, float scale, float *out);
 
