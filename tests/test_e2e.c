@@ -9,6 +9,8 @@
  *   - the Python client gets the same tokens;
  *   - SIGTERM shuts both processes down cleanly (exit status 0).
  * Uses the default model when it is there (make model), else a tiny random model.
+ * Liveness limits are generous (10 s): a sanitizer build computes a step ~10x slower, and
+ * the worker reports between steps; tests/test_e2e_errors.c covers dead workers.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -118,9 +120,9 @@ static int setup(void **state)
     fprintf(f,
             "[model]\npath = %s\nkv_type = f16\n"
             "[daemon]\nclient_endpoint = %s\nworker_endpoint = ipc://%s/worker.sock\n"
-            "heartbeat_ms = 1000\ndead_after = 5\nlog_level = info\n"
+            "heartbeat_ms = 2000\ndead_after = 5\nlog_level = info\n"
             "[group main]\nrole = both\ntp_size = 1\ndevices = cpu\nthreads = 2\n"
-            "kv_budget = 96MiB\nmax_batch_tokens = 256\nmax_seqs = 64\n",
+            "kv_budget = 96MiB\nmax_batch_tokens = 128\nmax_seqs = 64\n",
             model, endpoint, tmpdir);
     fclose(f);
     char bin_d[300], bin_w[300], log_d[600], log_w[600];
