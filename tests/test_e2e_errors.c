@@ -11,9 +11,18 @@
  *   - a full group with when_full = busy: the overflow requests get busy;
  *   - a client that disconnects mid-stream: its request is dropped and its KV blocks
  *     freed (status: no request running, blocks used back to the idle level);
- *   - (default model) two colocated groups, one worker SIGKILLed mid-request: every
- *     request ends within a bound, either done on the survivor (retries >= 1, the tokens
- *     of `duet generate`) or with worker_lost; no KV block leaks on the survivor.
+ *   - a full queue (when_full = wait, set by SIGHUP): queue_limit requests wait, the rest
+ *     get busy; a client leaving with requests running and queued frees them all;
+ *   - connections closing while new ones open (fd reuse): every request is answered;
+ *   - the only worker SIGKILLed: its requests end with worker_lost, new ones get
+ *     unavailable; started again, it serves;
+ *   - (default model) two colocated groups, one worker SIGKILLed (then started again), or
+ *     stopped past dead_after (then continued), mid-request: every request ends within a
+ *     bound, either done on the survivor (retries >= 1, the tokens of `duet generate`) or
+ *     with worker_lost; no KV block stays used; the worker registers again;
+ *   - (default model) duetd SIGKILLed and started again: the workers, answered
+ *     unexpected_command, register again.
+ * Env: E2E_FILTER=pattern runs only matching tests; E2E_KEEP=1 keeps the logs.
  * Group 1 uses a tiny random model; group 2 needs models/SmolLM2-135M-Instruct.Q4_1.gguf
  * (skipped with a note when it is missing).
  */
@@ -38,8 +47,8 @@
 #include "tests/support/gguf_write.h"
 
 #define DEFAULT_MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
-#define TINY_CTX 4096
-#define MAX_TOKENS_LIMIT 3000
+#define TINY_CTX 8192
+#define MAX_TOKENS_LIMIT 7000
 #define BUSY_SEQS 2       /* max_seqs of the tiny group */
 #define N_KILL_REQ 6      /* requests in flight when a worker is killed */
 #define KILL_MAX_TOKENS 32
@@ -589,7 +598,7 @@ static void test_limits(void **state)
     char b2[256];
     snprintf(b2, sizeof b2, "{\"id\": \"fit\", \"prompt\": \"hello there\", \"max_tokens\": %d}", TINY_CTX);
     const char *f2[] = {"duet.client/1", "generate", b2};
-    /* max_tokens_limit (3000) is checked first when it is below the context */
+    /* max_tokens_limit (MAX_TOKENS_LIMIT) is checked first when it is below the context */
     expect_error(&r, "max_tokens over max_tokens_limit", 3, f2, NULL, "bad_request", "fit");
     snprintf(b2, sizeof b2, "{\"id\": \"fit2\", \"tokens\": [");
     off = strlen(b2);
