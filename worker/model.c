@@ -438,6 +438,8 @@ struct model_ctx {
     int32_t *tok, *pos, *seq; /* [max_tokens] */
     attn_query *rows; /* [max_tokens] */
     model_collectives coll;
+    model_progress_fn progress; /* after every layer, or NULL */
+    void *progress_user;
 };
 
 int model_ctx_new(const model_t *m, int max_tokens, int n_threads, model_ctx_t **out)
@@ -509,6 +511,12 @@ void model_ctx_destroy(model_ctx_t **self_p)
 pool_t *model_ctx_pool(model_ctx_t *ctx) { return ctx->pool; }
 
 void model_ctx_set_collectives(model_ctx_t *ctx, const model_collectives *c) { ctx->coll = *c; }
+
+void model_ctx_set_progress(model_ctx_t *ctx, model_progress_fn fn, void *user)
+{
+    ctx->progress = fn;
+    ctx->progress_user = user;
+}
 
 /* y (+)= x·Wᵀ for one weight (x replaced by silu(x) * up when up is given); in a TP group the partial sums are all-reduced first. */
 static int project_add(model_ctx_t *c, int tp, const mm_weight *w, const float *x, const float *up,
@@ -624,6 +632,7 @@ int model_forward(model_ctx_t *c, const model_t *m, kv_cache_t *kv, const model_
         if (mm_run(c->pool, &fin, gu, 2, c->ws) != 0) goto mm_fail;
         /* down(silu(gate) * up): SwiGLU is applied as the down projection reads its input */
         if (project_add(c, tp, &L->wdown, c->gate, c->up, T, c->x) != 0) goto mm_fail;
+        if (c->progress) c->progress(c->progress_user);
     }
     if (n_logit_rows == 0) return 0;
 

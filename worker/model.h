@@ -96,6 +96,12 @@ typedef struct {
     int (*gather_vocab)(void *user, const float *part, int n_rows, float *full);
 } model_collectives;
 
+/* Called by model_forward on the calling thread after every layer, so a caller whose
+ * event loop shares the thread (duet-worker) can keep its heartbeats going through a
+ * long step. fn NULL removes it. fn must not call model_forward. */
+typedef void (*model_progress_fn)(void *user);
+void model_ctx_set_progress(model_ctx_t *ctx, model_progress_fn fn, void *user);
+
 /* Needed before model_forward when tp_size > 1. c is copied. */
 void model_ctx_set_collectives(model_ctx_t *ctx, const model_collectives *c);
 

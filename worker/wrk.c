@@ -87,6 +87,8 @@ struct wrk {
 
 /* ---- small helpers ------------------------------------------------------------------- */
 
+static void heartbeat_during_step(void *user);
+
 static void set_err(char *err, size_t errlen, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 static void set_err(char *err, size_t errlen, const char *fmt, ...)
@@ -626,6 +628,7 @@ wrk_status wrk_new(const wrk_config *c, wrk_t **out, char *err, size_t errlen)
         rc = ss == SCHED_ERR_NOMEM ? WRK_ERR_NOMEM : WRK_ERR_CONFIG;
         goto fail;
     }
+    model_ctx_set_progress(sched_model_ctx(w->sched), heartbeat_during_step, w);
     w->ev_cap = sched_events_max(w->sched) + WRK_EVENTS_SLACK;
     w->ev = malloc((size_t)w->ev_cap * sizeof *w->ev);
     w->tev = malloc((size_t)w->ev_cap * sizeof *w->tev);
@@ -814,6 +817,16 @@ static int send_heartbeat(wrk_t *w)
     w->last_hb = now_ms();
     ST_ADD(w, heartbeats_out, 1);
     return send_body(w, PROTO_CMD_HEARTBEAT, PROTO_T_HEARTBEAT, &h, ZMQ_DONTWAIT);
+}
+
+/* model_forward's per-layer hook: a step can outlast several heartbeat intervals (a long
+ * prefill chunk on a loaded machine), and duetd would declare a silent worker dead. This
+ * runs on the loop's own thread, so the socket stays single-threaded. */
+static void heartbeat_during_step(void *user)
+{
+    wrk_t *w = user;
+    if (w->sock && w->st.state == WRK_STATE_READY && now_ms() - w->last_hb >= w->hb_ms)
+        (void)send_heartbeat(w);
 }
 
 /* Wait for the socket (events), the wake fd or the signal fd, at most timeout_ms.
