@@ -150,7 +150,7 @@ static const param params[] = {
      "CPU threads per worker; 0: one per core"},
     {SEC_GROUP, "kv_budget", T_BYTES, "256MiB", MI, 16 * TI, NULL, 0, G_(kv_budget),
      "bytes of KV cache per worker"},
-    {SEC_GROUP, "max_batch_tokens", T_INT, "2048", 1, 1 << 20, NULL, 0, G_(max_batch_tokens),
+    {SEC_GROUP, "max_batch_tokens", T_INT, "512", 1, 1 << 20, NULL, 0, G_(max_batch_tokens),
      "tokens in one scheduler step (prompt chunks and decode tokens)"},
     {SEC_GROUP, "max_seqs", T_INT, "64", 1, 65536, NULL, 0, G_(max_seqs),
      "sequences in one batch"},

@@ -296,7 +296,7 @@ static void test_minimal_defaults(void **state)
     assert_int_equal(d->log_level, CONFIG_LOG_INFO);
     const config_group *g = &cfg->groups[0];
     assert_int_equal(g->threads, 0);
-    assert_int_equal(g->max_batch_tokens, 2048);
+    assert_int_equal(g->max_batch_tokens, 512);
     assert_int_equal(g->max_seqs, 64);
     config_free(&cfg);
 }
