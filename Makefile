@@ -136,11 +136,13 @@ test: all
 asan:
 	$(MAKE) BUILD=$(BUILD)/asan ASAN=1 CUDA=0 OPT=-O1 test
 
-# The C micro-benchmarks, then the engine against llama.cpp (installed by setup --bench).
+# The C micro-benchmarks, the engine against llama.cpp (installed by setup --bench), and
+# the service (duetd + duet-worker) under N concurrent clients.
 bench: all $(DEFAULT_MODEL)
 	scripts/setup --bench
-	@BUILD=$(BUILD) scripts/run-bench $(filter-out %/bench_model,$(BENCH_BIN))
+	@BUILD=$(BUILD) scripts/run-bench $(filter-out %/bench_model %/bench_serve,$(BENCH_BIN))
 	@BUILD=$(BUILD) scripts/bench-model
+	@BUILD=$(BUILD) scripts/bench-serve
 
 setup:
 	scripts/setup
