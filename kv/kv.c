@@ -130,8 +130,10 @@ kv_status kv_new(const kv_config *cfg, kv_cache_t **out)
     while (cap < 2 * nb) cap <<= 1;
     kv->ht_mask = cap - 1;
     const int ms = kv->cfg.max_seqs;
-    /* Anonymous memory comes zeroed without touching pages now; huge pages (where the
-     * kernel allows them) spare attention and pack/unpack most TLB misses. */
+    /* Huge pages (where the kernel allows them) spare attention and pack/unpack most TLB
+     * misses. The pool is faulted in now: the budget is a reservation, and first-touch
+     * faults (the kernel zeroing 2 MiB pages) would otherwise land in the first steps'
+     * latency, spread over every layer's array. */
     kv->data_bytes = (size_t)cfg->n_layers * 2 * kv->layer_bytes;
     void *d = mmap(NULL, kv->data_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (d != MAP_FAILED) {
@@ -139,6 +141,10 @@ kv_status kv_new(const kv_config *cfg, kv_cache_t **out)
 #ifdef MADV_HUGEPAGE
         madvise(d, kv->data_bytes, MADV_HUGEPAGE); /* advice only: failure is harmless */
 #endif
+#ifdef MADV_POPULATE_WRITE
+        if (madvise(d, kv->data_bytes, MADV_POPULATE_WRITE) != 0)
+#endif
+            for (size_t off = 0; off < kv->data_bytes; off += 4096) ((volatile unsigned char *)d)[off] = 0;
     }
     if (cfg->dtype == DTYPE_I8)
         kv->scales = calloc((size_t)cfg->n_layers * 2 * nb * kv->nh, sizeof(float));
