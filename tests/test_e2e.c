@@ -207,14 +207,17 @@ static void make_prompt(char *buf, size_t cap, int i)
         off += (size_t)snprintf(buf + off, cap - off, " %s", words[(i * 7 + w * 3) % 14]);
 }
 
+/* The 32 requests and duet generate's answers to them (kept for the Python client's test). */
+static char prompts[N_REQ][1024];
+static int max_tokens[N_REQ], n_ref[N_REQ];
+static int32_t refs[N_REQ][64];
+
 static void test_concurrent_equal_generate(void **state)
 {
     (void)state;
     duet_client *c = NULL;
     assert_int_equal(duet_connect(endpoint, NULL, &c, NULL), DUET_OK);
-    static char prompts[N_REQ][1024];
     duet_request *req[N_REQ];
-    int max_tokens[N_REQ];
     for (int i = 0; i < N_REQ; i++) {
         make_prompt(prompts[i], sizeof prompts[i], i);
         duet_params p;
@@ -229,9 +232,13 @@ static void test_concurrent_equal_generate(void **state)
     for (int i = 0; i < N_REQ; i++) {
         const duet_result *r = NULL;
         duet_error err;
-        if (duet_wait(req[i], 120000, &r, &err) != DUET_OK) fail_msg("request %d: %s", i, err.message);
-        int32_t ref[64];
-        int n = reference_ids(prompts[i], max_tokens[i], ref, 64);
+        if (duet_wait(req[i], 120000, &r, &err) != DUET_OK) {
+            show_log("duetd");
+            show_log("worker");
+            fail_msg("request %d: %s", i, err.message);
+        }
+        int32_t *ref = refs[i];
+        int n = n_ref[i] = reference_ids(prompts[i], max_tokens[i], ref, 64);
         if (n != r->n_token_ids || memcmp(ref, r->token_ids, (size_t)n * sizeof *ref) != 0)
             fail_msg("request %d: %d tokens through duetd differ from duet generate's %d", i,
                      r->n_token_ids, n);
@@ -299,6 +306,8 @@ static void test_prefix_cache_and_session(void **state)
     duet_destroy(&c);
 }
 
+/* The Python client (client/python/duet_client.py) sends the same 32 requests at once on
+ * one connection; each answer must be duet generate's. */
 static void test_python_client(void **state)
 {
     (void)state;
@@ -307,26 +316,45 @@ static void test_python_client(void **state)
         printf("[  SKIP    ] python client: .venv with pyzmq missing (scripts/setup installs it)\n");
         skip();
     }
-    const char *prompt = "The three most common colours of a flag are";
-    char cmd[2048];
-    snprintf(cmd, sizeof cmd,
-             "PYTHONPATH=client/python .venv/bin/python -c \"import duet_client as d; "
-             "c = d.Client('%s'); r = c.complete(prompt='%s', max_tokens=12, temperature=0); "
-             "print(','.join(map(str, r.token_ids)))\"", endpoint, prompt);
+    if (n_ref[0] == 0) fail_msg("the C client's test did not record duet generate's answers");
+    char path[600], script[700], cmd[2048];
+    snprintf(path, sizeof path, "%s/prompts.json", tmpdir);
+    json_t *arr = json_array();
+    for (int i = 0; i < N_REQ; i++)
+        json_array_append_new(arr, json_pack("{s:s, s:i}", "prompt", prompts[i], "max_tokens", max_tokens[i]));
+    assert_int_equal(json_dump_file(arr, path, 0), 0);
+    json_decref(arr);
+    snprintf(script, sizeof script, "%s/e2e.py", tmpdir);
+    FILE *f = fopen(script, "w");
+    assert_non_null(f);
+    fprintf(f, "import json, sys\n"
+               "import duet_client as d\n"
+               "c = d.Client(sys.argv[1])\n"
+               "reqs = [c.generate(prompt=p['prompt'], max_tokens=p['max_tokens'], temperature=0,\n"
+               "                   stream=bool(i %% 2)) for i, p in enumerate(json.load(open(sys.argv[2])))]\n"
+               "for r in reqs:\n"
+               "    print(','.join(map(str, r.result().token_ids)))\n");
+    fclose(f);
+    snprintf(cmd, sizeof cmd, "PYTHONPATH=client/python .venv/bin/python '%s' '%s' '%s'", script,
+             endpoint, path);
     FILE *p = popen(cmd, "r");
     assert_non_null(p);
-    char line[4096] = "";
-    if (!fgets(line, sizeof line, p)) line[0] = 0;
+    char line[4096];
+    int i = 0;
+    for (; i < N_REQ && fgets(line, sizeof line, p); i++) {
+        line[strcspn(line, "\n")] = 0;
+        char want[4096] = "";
+        size_t off = 0;
+        for (int k = 0; k < n_ref[i]; k++)
+            off += (size_t)snprintf(want + off, sizeof want - off, "%s%d", k ? "," : "", refs[i][k]);
+        if (strcmp(line, want) != 0) {
+            pclose(p);
+            fail_msg("python client, request %d: got [%s], duet generate [%s]", i, line, want);
+        }
+    }
     int rc = pclose(p);
-    if (rc != 0) fail_msg("python client failed (exit %d): %s", rc, line);
-    int32_t ref[64];
-    int n = reference_ids(prompt, 12, ref, 64);
-    char want[4096] = "";
-    size_t off = 0;
-    for (int i = 0; i < n; i++) off += (size_t)snprintf(want + off, sizeof want - off, "%s%d", i ? "," : "", ref[i]);
-    line[strcspn(line, "\n")] = 0;
-    if (strcmp(line, want) != 0) fail_msg("python client got [%s], duet generate [%s]", line, want);
-    printf("[ e2e      ] python client: same tokens as duet generate\n");
+    if (rc != 0 || i != N_REQ) fail_msg("python client failed (exit %d) after %d answers", rc, i);
+    printf("[ e2e      ] python client: %d concurrent requests, every answer equals duet generate's\n", N_REQ);
 }
 
 int main(void)
