@@ -40,6 +40,13 @@
 #include <unistd.h>
 
 #include <cmocka.h>
+
+/* Sanitizer builds compute ~10x slower: their waits for the real model are longer. */
+#if defined(__SANITIZE_ADDRESS__)
+#define SLOW 6
+#else
+#define SLOW 1
+#endif
 #include <jansson.h>
 #include <zmq.h>
 
@@ -353,7 +360,7 @@ static void raw_normal(raw_t *r, const char *id)
         fail_msg("%s: expected accepted, got %s %s", id, cmd,
                  json_string_value(json_object_get(b, "message")) ?: "");
     json_decref(b);
-    if (raw_recv(r, 30000, cmd, &b) != 0) {
+    if (raw_recv(r, 30000 * SLOW, cmd, &b) != 0) {
         show_logs(&tiny_fx);
         fail_msg("%s: no done within 30 s", id);
     }
@@ -377,7 +384,7 @@ static void lib_normal(const fixture *fx)
     duet_request *req = NULL;
     const duet_result *res = NULL;
     if (duet_generate(c, &p, &req, &err) != DUET_OK) fail_msg("generate: %s", err.message);
-    if (duet_wait(req, 30000, &res, &err) != DUET_OK) {
+    if (duet_wait(req, 30000 * SLOW, &res, &err) != DUET_OK) {
         show_logs(fx);
         fail_msg("normal request: %s: %s", err.code_name, err.message);
     }
@@ -392,7 +399,7 @@ static void wait_groups_ready(const fixture *fx, int n, const char *why)
     duet_client *c = NULL;
     assert_int_equal(duet_connect(fx->endpoint, NULL, &c, NULL), DUET_OK);
     int ok = 0;
-    for (double t0 = now_ms(); !ok && now_ms() - t0 < 30000;) {
+    for (double t0 = now_ms(); !ok && now_ms() - t0 < 30000 * SLOW;) {
         duet_health_info hi;
         if (duet_health(c, 1000, &hi, NULL, NULL) == DUET_OK && hi.ok && hi.groups_ready == n) ok = 1;
         else usleep(50000);
@@ -1056,7 +1063,7 @@ static void disrupt_run(fixture *fx, disrupt_mode mode)
     int victim = -1;
     int64_t victim_running = 0;
     for (double t0 = now_ms(); victim < 0;) {
-        if (now_ms() - t0 > 30000) fail_msg("the requests did not run on both groups within 30 s");
+        if (now_ms() - t0 > 30000 * SLOW) fail_msg("the requests did not run on both groups within 30 s");
         duet_poll(c, 100, NULL);
         int any_tokens = 0;
         for (int i = 0; i < N_KILL_REQ; i++) {
