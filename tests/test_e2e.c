@@ -30,6 +30,7 @@
 
 #include "client/libduet.h"
 #include "tests/support/gguf_write.h"
+#include "tests/support/testutil.h"
 
 #define DEFAULT_MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 #define N_REQ 32
@@ -37,47 +38,7 @@
 static char tmpdir[256], model[512], conf[512], endpoint[600], build[256];
 static pid_t duetd_pid = -1, worker_pid = -1;
 
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
 
-static pid_t spawn(char *const argv[], const char *log)
-{
-    pid_t pid = fork();
-    if (pid == 0) {
-        int fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        if (fd >= 0) {
-            dup2(fd, 1);
-            dup2(fd, 2);
-        }
-        execv(argv[0], argv);
-        _exit(127);
-    }
-    return pid;
-}
-
-/* SIGTERM and wait up to timeout_ms; returns the exit status, or -1 (then SIGKILLed). */
-static int stop(pid_t *pid, int timeout_ms)
-{
-    if (*pid <= 0) return 0;
-    kill(*pid, SIGTERM);
-    int st = 0;
-    for (int waited = 0; waited < timeout_ms; waited += 20) {
-        pid_t r = waitpid(*pid, &st, WNOHANG);
-        if (r == *pid) {
-            *pid = -1;
-            return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-        }
-        usleep(20000);
-    }
-    kill(*pid, SIGKILL);
-    waitpid(*pid, &st, 0);
-    *pid = -1;
-    return -1;
-}
 
 static void show_log(const char *name)
 {
@@ -98,8 +59,7 @@ static int setup(void **state)
 {
     (void)state;
     snprintf(build, sizeof build, "%s", getenv("BUILD") ? getenv("BUILD") : "build");
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/duet-e2e-XXXXXX");
-    if (!mkdtemp(tmpdir)) return -1;
+    if (tu_mkdtemp(tmpdir, sizeof tmpdir, "e2e") != 0) return -1;
     if (access(DEFAULT_MODEL, R_OK) == 0) {
         snprintf(model, sizeof model, "%s", DEFAULT_MODEL);
     } else {
@@ -132,13 +92,13 @@ static int setup(void **state)
     snprintf(log_w, sizeof log_w, "%s/worker.log", tmpdir);
     char *argv_d[] = {bin_d, "--config", conf, NULL};
     char *argv_w[] = {bin_w, "--config", conf, "--group", "main", NULL};
-    duetd_pid = spawn(argv_d, log_d);
-    worker_pid = spawn(argv_w, log_w);
+    duetd_pid = tu_spawn(argv_d, log_d);
+    worker_pid = tu_spawn(argv_w, log_w);
     /* wait until duetd says it can serve */
     duet_client *c = NULL;
     if (duet_connect(endpoint, NULL, &c, NULL) != DUET_OK) return -1;
     int ok = 0;
-    for (double t0 = now_ms(); !ok && now_ms() - t0 < 60000;) {
+    for (double t0 = tu_now_ms(); !ok && tu_now_ms() - t0 < 60000;) {
         duet_health_info hi;
         if (duet_health(c, 1000, &hi, NULL, NULL) == DUET_OK && hi.ok) ok = 1;
         else usleep(100000);
@@ -156,15 +116,13 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     (void)state;
-    int rw = stop(&worker_pid, 15000), rd = stop(&duetd_pid, 15000);
+    int rw = tu_stop(&worker_pid, 15000), rd = tu_stop(&duetd_pid, 15000);
     if (rw != 0 || rd != 0) {
         fprintf(stderr, "e2e: shutdown: duet-worker exit %d, duetd exit %d\n", rw, rd);
         show_log("duetd");
         show_log("worker");
     }
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-    if (system(cmd) != 0) return -1;
+    if (tu_rmtree(tmpdir) != 0) return -1;
     return rw == 0 && rd == 0 ? 0 : -1;
 }
 

@@ -52,6 +52,7 @@
 
 #include "client/libduet.h"
 #include "tests/support/gguf_write.h"
+#include "tests/support/testutil.h"
 
 #define DEFAULT_MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 #define TINY_CTX 8192
@@ -74,49 +75,9 @@ typedef struct {
 
 static fixture tiny_fx, kill_fx;
 
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
 
 /* ---- processes --------------------------------------------------------------------------- */
 
-static pid_t spawn(char *const argv[], const char *log)
-{
-    pid_t pid = fork();
-    if (pid == 0) {
-        int fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        if (fd >= 0) {
-            dup2(fd, 1);
-            dup2(fd, 2);
-        }
-        execv(argv[0], argv);
-        _exit(127);
-    }
-    return pid;
-}
-
-/* SIGTERM and wait up to timeout_ms; the exit status, or -1 (then SIGKILLed). */
-static int stop(pid_t *pid, int timeout_ms)
-{
-    if (*pid <= 0) return 0;
-    kill(*pid, SIGTERM);
-    int st = 0;
-    for (int waited = 0; waited < timeout_ms; waited += 20) {
-        pid_t r = waitpid(*pid, &st, WNOHANG);
-        if (r == *pid) {
-            *pid = -1;
-            return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-        }
-        usleep(20000);
-    }
-    kill(*pid, SIGKILL);
-    waitpid(*pid, &st, 0);
-    *pid = -1;
-    return -1;
-}
 
 static void show_log(const fixture *fx, const char *name)
 {
@@ -168,16 +129,16 @@ static int fx_start(fixture *fx, const char *daemon_extra, const char *group_bod
     snprintf(bin_w, sizeof bin_w, "%s/bin/duet-worker", fx->build);
     snprintf(log_d, sizeof log_d, "%s/duetd.log", fx->tmpdir);
     char *argv_d[] = {bin_d, "--config", fx->conf, NULL};
-    fx->duetd = spawn(argv_d, log_d);
+    fx->duetd = tu_spawn(argv_d, log_d);
     for (int i = 0; i < n_groups; i++) {
         snprintf(line, sizeof line, "%s/worker-%s.log", fx->tmpdir, fx->groups[i]);
         char *argv_w[] = {bin_w, "--config", fx->conf, "--group", fx->groups[i], NULL};
-        fx->workers[i] = spawn(argv_w, line);
+        fx->workers[i] = tu_spawn(argv_w, line);
     }
     duet_client *c = NULL;
     if (duet_connect(fx->endpoint, NULL, &c, NULL) != DUET_OK) return -1;
     int ok = 0;
-    for (double t0 = now_ms(); !ok && now_ms() - t0 < 60000;) {
+    for (double t0 = tu_now_ms(); !ok && tu_now_ms() - t0 < 60000;) {
         duet_health_info hi;
         if (duet_health(c, 1000, &hi, NULL, NULL) == DUET_OK && hi.ok && hi.groups_ready == n_groups) ok = 1;
         else usleep(50000);
@@ -204,13 +165,13 @@ static int fx_stop(fixture *fx)
 {
     int bad = 0;
     for (int i = 0; i < fx->n_workers; i++) {
-        int rc = stop(&fx->workers[i], 15000);
+        int rc = tu_stop(&fx->workers[i], 15000);
         if (rc != 0) {
             fprintf(stderr, "e2e_errors: duet-worker %s exit %d\n", fx->groups[i], rc);
             bad = 1;
         }
     }
-    int rd = stop(&fx->duetd, 15000);
+    int rd = tu_stop(&fx->duetd, 15000);
     if (rd != 0) {
         fprintf(stderr, "e2e_errors: duetd exit %d\n", rd);
         bad = 1;
@@ -247,13 +208,13 @@ static int64_t jint(const json_t *o, const char *a, const char *b)
  * 0 when reached. The last values seen go to *running, *used. */
 static int wait_idle(const fixture *fx, int64_t want, int ms, int64_t *running, int64_t *used)
 {
-    for (double t0 = now_ms();;) {
+    for (double t0 = tu_now_ms();;) {
         json_t *st = get_status(fx);
         *running = jint(st, "queue", "running") + jint(st, "queue", "waiting");
         *used = jint(st, "kv", "blocks_used");
         json_decref(st);
         if (*running == 0 && *used <= want) return 0;
-        if (now_ms() - t0 > ms) return -1;
+        if (tu_now_ms() - t0 > ms) return -1;
         usleep(100000);
     }
 }
@@ -399,7 +360,7 @@ static void wait_groups_ready(const fixture *fx, int n, const char *why)
     duet_client *c = NULL;
     assert_int_equal(duet_connect(fx->endpoint, NULL, &c, NULL), DUET_OK);
     int ok = 0;
-    for (double t0 = now_ms(); !ok && now_ms() - t0 < 30000 * SLOW;) {
+    for (double t0 = tu_now_ms(); !ok && tu_now_ms() - t0 < 30000 * SLOW;) {
         duet_health_info hi;
         if (duet_health(c, 1000, &hi, NULL, NULL) == DUET_OK && hi.ok && hi.groups_ready == n) ok = 1;
         else usleep(50000);
@@ -436,7 +397,7 @@ static int tiny_setup(void **state)
     if (fx_start(fx, extra, body, 1) != 0) return -1;
     int64_t running;
     /* the idle level: nothing has run yet */
-    for (double t0 = now_ms(); now_ms() - t0 < 3000; usleep(100000)) {
+    for (double t0 = tu_now_ms(); tu_now_ms() - t0 < 3000; usleep(100000)) {
         json_t *st = get_status(fx);
         running = jint(st, "queue", "running");
         fx->idle_used = jint(st, "kv", "blocks_used");
@@ -543,10 +504,10 @@ static void test_malformed(void **state)
     /* the replies of the two interleave: the first's accepted (and deltas) and the
      * second's error, in either order; then the first's done once cancelled */
     int dup_seen = 0, done_seen = 0;
-    for (double t0 = now_ms(); !(dup_seen && done_seen);) {
+    for (double t0 = tu_now_ms(); !(dup_seen && done_seen);) {
         char cmd[33];
         json_t *b = NULL;
-        if (now_ms() - t0 > REPLY_MS || raw_recv(&r, REPLY_MS, cmd, &b) != 0)
+        if (tu_now_ms() - t0 > REPLY_MS || raw_recv(&r, REPLY_MS, cmd, &b) != 0)
             fail_msg("duplicate id: no %s within %d ms", dup_seen ? "done" : "duplicate_id", REPLY_MS);
         assert_string_equal(json_string_value(json_object_get(b, "id")), "same");
         if (strcmp(cmd, "error") == 0) {
@@ -699,12 +660,12 @@ static void reconfigure(fixture *fx, const char *when_full, int queue_limit)
     fputs(text, f);
     fclose(f);
     kill(fx->duetd, SIGHUP);
-    for (double t0 = now_ms();; usleep(50000)) {
+    for (double t0 = tu_now_ms();; usleep(50000)) {
         json_t *st = get_status(fx);
         int64_t lim = jint(st, "queue", "limit");
         json_decref(st);
         if (lim == queue_limit) break;
-        if (now_ms() - t0 > REPLY_MS) fail_msg("SIGHUP: queue_limit still %lld, not %d", (long long)lim, queue_limit);
+        if (tu_now_ms() - t0 > REPLY_MS) fail_msg("SIGHUP: queue_limit still %lld, not %d", (long long)lim, queue_limit);
     }
 }
 
@@ -789,9 +750,9 @@ static void test_disconnect_midstream(void **state)
     /* each streams tokens, and a worker heartbeat shows their blocks in use */
     int got[BUSY_SEQS] = {0};
     int64_t used_mid = 0;
-    double t_start = now_ms();
+    double t_start = tu_now_ms();
     while (used_mid <= fx->idle_used) {
-        if (now_ms() - t_start > REPLY_MS) fail_msg("no KV blocks in use within %d ms", REPLY_MS);
+        if (tu_now_ms() - t_start > REPLY_MS) fail_msg("no KV blocks in use within %d ms", REPLY_MS);
         for (int i = 0; i < BUSY_SEQS; i++) {
             duet_event ev;
             while (duet_next(req[i], got[i] ? 0 : REPLY_MS, &ev, &err) == DUET_OK) {
@@ -808,7 +769,7 @@ static void test_disconnect_midstream(void **state)
     }
     /* the connection goes away without a cancel */
     duet_destroy(&c);
-    double t0 = now_ms();
+    double t0 = tu_now_ms();
     int64_t running, used;
     if (wait_idle(fx, fx->idle_used, 5000, &running, &used) != 0)
         fail_msg("after the client left: %lld requests running, %lld KV blocks used (idle %lld)", (long long)running,
@@ -818,7 +779,7 @@ static void test_disconnect_midstream(void **state)
     json_decref(st);
     printf("[ errors   ] client gone mid-stream (%d and %d tokens streamed): %lld KV blocks used before, idle "
            "level %lld again %.0f ms after; %lld cancelled, %lld served\n", got[0], got[1], (long long)used_mid,
-           (long long)fx->idle_used, now_ms() - t0, (long long)cancelled, (long long)served);
+           (long long)fx->idle_used, tu_now_ms() - t0, (long long)cancelled, (long long)served);
     for (int i = 0; i < BUSY_SEQS; i++) duet_request_free(&req[i]);
     assert_int_equal(cancelled, BUSY_SEQS);
     assert_int_equal(served, 0);
@@ -834,7 +795,7 @@ static void test_reconnect_churn(void **state)
     (void)state;
     fixture *fx = &tiny_fx;
     enum { ROUNDS = 40 };
-    double t0 = now_ms();
+    double t0 = tu_now_ms();
     raw_t busy; /* keeps duetd's loop busy on the client socket while connections swap */
     raw_open(&busy, fx->endpoint);
     for (int i = 0; i < ROUNDS; i++) {
@@ -874,7 +835,7 @@ static void test_reconnect_churn(void **state)
     }
     raw_close(&busy);
     printf("[ errors   ] %d rounds of a connection closing and a new one sending a request: all answered "
-           "(%.0f ms)\n", ROUNDS, now_ms() - t0);
+           "(%.0f ms)\n", ROUNDS, tu_now_ms() - t0);
 }
 
 /* The only worker SIGKILLed mid-request: with no group left, its requests end with
@@ -897,15 +858,15 @@ static void test_only_worker_killed(void **state)
         p.stream = 1;
         if (duet_generate(c, &p, &req[i], &err) != DUET_OK) fail_msg("generate: %s", err.message);
         int got = 0;
-        for (double t0 = now_ms(); got < 4;) {
+        for (double t0 = tu_now_ms(); got < 4;) {
             duet_event ev;
-            if (now_ms() - t0 > REPLY_MS || duet_next(req[i], REPLY_MS, &ev, &err) != DUET_OK)
+            if (tu_now_ms() - t0 > REPLY_MS || duet_next(req[i], REPLY_MS, &ev, &err) != DUET_OK)
                 fail_msg("request %d: no tokens streamed", i);
             if (ev.kind == DUET_EVENT_DELTA) got += ev.n_token_ids;
             else if (ev.kind != DUET_EVENT_ACCEPTED) fail_msg("request %d: ended before the kill", i);
         }
     }
-    double t_kill = now_ms();
+    double t_kill = tu_now_ms();
     kill(fx->workers[0], SIGKILL);
     int wst;
     waitpid(fx->workers[0], &wst, 0);
@@ -916,7 +877,7 @@ static void test_only_worker_killed(void **state)
         if (rc == DUET_E_TIMEOUT) fail_msg("request %d: no end within 20 s of the only worker's death", i);
         if (rc != DUET_E_WORKER_LOST) fail_msg("request %d: expected worker_lost, got %s: %s", i, err.code_name, err.message);
         if (i == 0) printf("[ errors   ] only worker SIGKILLed: its requests end with worker_lost after %.1f s (%s)\n",
-                           (now_ms() - t_kill) / 1e3, err.message);
+                           (tu_now_ms() - t_kill) / 1e3, err.message);
         duet_request_free(&req[i]);
     }
     duet_params p;
@@ -934,7 +895,7 @@ static void test_only_worker_killed(void **state)
     snprintf(bin_w, sizeof bin_w, "%.255s/bin/duet-worker", fx->build);
     snprintf(log_w, sizeof log_w, "%.255s/worker-a-2.log", fx->tmpdir);
     char *argv_w[] = {bin_w, "--config", fx->conf, "--group", "a", NULL};
-    fx->workers[0] = spawn(argv_w, log_w);
+    fx->workers[0] = tu_spawn(argv_w, log_w);
     wait_groups_ready(fx, 1, "the only worker started again");
     lib_normal(fx);
     int64_t running, used;
@@ -1062,8 +1023,8 @@ static void disrupt_run(fixture *fx, disrupt_mode mode)
     /* wait until both groups run requests and tokens are coming out */
     int victim = -1;
     int64_t victim_running = 0;
-    for (double t0 = now_ms(); victim < 0;) {
-        if (now_ms() - t0 > 30000 * SLOW) fail_msg("the requests did not run on both groups within 30 s");
+    for (double t0 = tu_now_ms(); victim < 0;) {
+        if (tu_now_ms() - t0 > 30000 * SLOW) fail_msg("the requests did not run on both groups within 30 s");
         duet_poll(c, 100, NULL);
         int any_tokens = 0;
         for (int i = 0; i < N_KILL_REQ; i++) {
@@ -1083,7 +1044,7 @@ static void disrupt_run(fixture *fx, disrupt_mode mode)
             victim_running = run[victim];
         }
     }
-    double t_kill = now_ms();
+    double t_kill = tu_now_ms();
     int n_before = 0;
     for (int i = 0; i < N_KILL_REQ; i++) n_before += n_ids[i];
     if (mode == DISRUPT_KILL) {
@@ -1095,8 +1056,8 @@ static void disrupt_run(fixture *fx, disrupt_mode mode)
         kill(fx->workers[victim], SIGSTOP);
         /* until duetd counts it dead (dead_after 4 x 500 ms), then a little longer */
         int dead = 0;
-        for (double t0 = now_ms(); !dead;) {
-            if (now_ms() - t0 > 15000) {
+        for (double t0 = tu_now_ms(); !dead;) {
+            if (tu_now_ms() - t0 > 15000) {
                 kill(fx->workers[victim], SIGCONT);
                 fail_msg("duetd did not declare the stopped worker dead within 15 s");
             }
@@ -1114,7 +1075,7 @@ static void disrupt_run(fixture *fx, disrupt_mode mode)
 
     /* every request ends within a bound */
     for (int left = N_KILL_REQ; left > 0;) {
-        if (now_ms() - t_kill > 60000) fail_msg("%d requests did not end within 60 s of the kill", left);
+        if (tu_now_ms() - t_kill > 60000) fail_msg("%d requests did not end within 60 s of the kill", left);
         duet_poll(c, 200, NULL);
         left = 0;
         for (int i = 0; i < N_KILL_REQ; i++) {
@@ -1122,7 +1083,7 @@ static void disrupt_run(fixture *fx, disrupt_mode mode)
             left += !ended[i];
         }
     }
-    double t_end = now_ms();
+    double t_end = tu_now_ms();
     int n_retried = 0, n_lost = 0, n_done = 0;
     for (int i = 0; i < N_KILL_REQ; i++) {
         if (lost[i]) {
@@ -1162,11 +1123,11 @@ static void disrupt_run(fixture *fx, disrupt_mode mode)
         snprintf(bin_w, sizeof bin_w, "%.255s/bin/duet-worker", fx->build);
         snprintf(log_w, sizeof log_w, "%.255s/worker-%.7s-2.log", fx->tmpdir, fx->groups[victim]);
         char *argv_w[] = {bin_w, "--config", fx->conf, "--group", fx->groups[victim], NULL};
-        fx->workers[victim] = spawn(argv_w, log_w);
+        fx->workers[victim] = tu_spawn(argv_w, log_w);
     }
-    double t_back = now_ms();
+    double t_back = tu_now_ms();
     wait_groups_ready(fx, 2, what);
-    printf("[ errors   ] group %s ready again %.1f s later\n", fx->groups[victim], (now_ms() - t_back) / 1e3);
+    printf("[ errors   ] group %s ready again %.1f s later\n", fx->groups[victim], (tu_now_ms() - t_back) / 1e3);
     lib_normal(fx);
     if (wait_idle(fx, fx->idle_used, 5000, &running, &used) != 0)
         fail_msg("with both groups back: %lld requests running, %lld KV blocks used (idle %lld)",
@@ -1210,11 +1171,11 @@ static void test_duetd_restarted(void **state)
     snprintf(bin_d, sizeof bin_d, "%.255s/bin/duetd", fx->build);
     snprintf(log_d, sizeof log_d, "%.255s/duetd-2.log", fx->tmpdir);
     char *argv_d[] = {bin_d, "--config", fx->conf, NULL};
-    double t0 = now_ms();
-    fx->duetd = spawn(argv_d, log_d);
+    double t0 = tu_now_ms();
+    fx->duetd = tu_spawn(argv_d, log_d);
     wait_groups_ready(fx, 2, "duetd restarted");
     printf("[ errors   ] duetd SIGKILLed and started again: both workers registered again within %.1f s\n",
-           (now_ms() - t0) / 1e3);
+           (tu_now_ms() - t0) / 1e3);
     /* through unexpected_command (not by waiting for duetd's silence): each live worker's log says so */
     char cmd[800];
     snprintf(cmd, sizeof cmd, "grep -l 'does not count this worker as registered' '%.255s'/worker-*.log | wc -l",

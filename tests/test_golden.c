@@ -39,6 +39,8 @@
 #include <unistd.h>
 
 #include <cmocka.h>
+
+#include "tests/support/testutil.h"
 #include <jansson.h>
 #include <openssl/evp.h>
 
@@ -382,16 +384,13 @@ GOLDEN_TEST(tiny_tied_q8_0)
 static int setup(void **state)
 {
     (void)state;
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/duet-test-golden-XXXXXX");
-    return mkdtemp(tmpdir) ? 0 : -1;
+    return tu_mkdtemp(tmpdir, sizeof tmpdir, "test-golden");
 }
 
 static int teardown(void **state)
 {
     (void)state;
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-    return system(cmd) == 0 ? 0 : -1;
+    return tu_rmtree(tmpdir);
 }
 
 int main(void)

@@ -19,6 +19,8 @@
 
 #include <cmocka.h>
 
+#include "tests/support/testutil.h"
+
 #include "kv/kv.h"
 #include "tests/support/gguf_write.h"
 #include "worker/model.h"
@@ -626,16 +628,13 @@ static void test_bad_tp_and_batches(void **state)
 static int setup(void **state)
 {
     (void)state;
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/duet-test-model-XXXXXX");
-    return mkdtemp(tmpdir) ? 0 : -1;
+    return tu_mkdtemp(tmpdir, sizeof tmpdir, "test-model");
 }
 
 static int teardown(void **state)
 {
     (void)state;
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-    return system(cmd) == 0 ? 0 : -1;
+    return tu_rmtree(tmpdir);
 }
 
 int main(void)

@@ -30,6 +30,8 @@
 
 #include <cmocka.h>
 
+#include "tests/support/testutil.h"
+
 #include "kernels/sample.h"
 #include "kv/kv.h"
 #include "tests/support/gguf_write.h"
@@ -733,9 +735,7 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     (void)state;
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-    return system(cmd) == 0 ? 0 : -1;
+    return tu_rmtree(tmpdir);
 }
 
 int main(void)

@@ -43,6 +43,8 @@
 #include <unistd.h>
 
 #include <cmocka.h>
+
+#include "tests/support/testutil.h"
 #include <jansson.h>
 #include <zmq.h>
 
@@ -1325,9 +1327,7 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     (void)state;
-    char cmd[300];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-    return system(cmd) == 0 ? 0 : -1;
+    return tu_rmtree(tmpdir);
 }
 
 int main(void)

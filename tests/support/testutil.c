@@ -1,0 +1,71 @@
+/* tests/support/testutil.c: see testutil.h. */
+#include "tests/support/testutil.h"
+
+#include <fcntl.h>
+#include <ftw.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+double tu_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+int tu_mkdtemp(char *buf, size_t cap, const char *name)
+{
+    int n = snprintf(buf, cap, "/tmp/duet-%s-XXXXXX", name);
+    if (n < 0 || (size_t)n >= cap) return -1;
+    return mkdtemp(buf) ? 0 : -1;
+}
+
+static int rm_one(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st;
+    (void)flag;
+    (void)ftw;
+    return remove(path);
+}
+
+int tu_rmtree(const char *dir)
+{
+    return nftw(dir, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+pid_t tu_spawn(char *const argv[], const char *log)
+{
+    pid_t pid = fork();
+    if (pid == 0) {
+        int fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+        }
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    return pid;
+}
+
+int tu_stop(pid_t *pid, int timeout_ms)
+{
+    if (*pid <= 0) return 0;
+    kill(*pid, SIGTERM);
+    int st = 0;
+    for (int waited = 0; waited < timeout_ms; waited += 20) {
+        if (waitpid(*pid, &st, WNOHANG) == *pid) {
+            *pid = -1;
+            return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        }
+        usleep(20000);
+    }
+    kill(*pid, SIGKILL);
+    waitpid(*pid, &st, 0);
+    *pid = -1;
+    return -1;
+}
