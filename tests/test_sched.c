@@ -717,19 +717,7 @@ static void test_bad_requests(void **state)
 static int setup(void **state)
 {
     (void)state;
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/duet-test-sched-XXXXXX");
-    if (!mkdtemp(tmpdir)) return -1;
-    snprintf(model_file, sizeof model_file, "%s/tiny-f32.gguf", tmpdir);
-    mkmodel_opts o;
-    mkmodel_defaults(&o);
-    o.seed = 11;
-    o.n_ctx = 1024;
-    char err[256];
-    if (mkmodel_write(&o, model_file, err, sizeof err) != 0) {
-        fprintf(stderr, "mkmodel: %s\n", err);
-        return -1;
-    }
-    return 0;
+    return tu_tiny_model("test-sched", tmpdir, sizeof tmpdir, model_file, sizeof model_file);
 }
 
 static int teardown(void **state)

@@ -1309,19 +1309,7 @@ static int setup(void **state)
 {
     (void)state;
     g_log.echo = getenv("WRK_TEST_LOG") != NULL;
-    snprintf(tmpdir, sizeof tmpdir, "/tmp/duet-test-worker-XXXXXX");
-    if (!mkdtemp(tmpdir)) return -1;
-    snprintf(model_file, sizeof model_file, "%s/tiny-f32.gguf", tmpdir);
-    mkmodel_opts o;
-    mkmodel_defaults(&o);
-    o.seed = 11;
-    o.n_ctx = 1024;
-    char err[256];
-    if (mkmodel_write(&o, model_file, err, sizeof err) != 0) {
-        fprintf(stderr, "mkmodel: %s\n", err);
-        return -1;
-    }
-    return 0;
+    return tu_tiny_model("test-worker", tmpdir, sizeof tmpdir, model_file, sizeof model_file);
 }
 
 static int teardown(void **state)

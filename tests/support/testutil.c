@@ -10,6 +10,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "tests/support/gguf_write.h"
+
 double tu_now_ms(void)
 {
     struct timespec ts;
@@ -22,6 +24,23 @@ int tu_mkdtemp(char *buf, size_t cap, const char *name)
     int n = snprintf(buf, cap, "/tmp/duet-%s-XXXXXX", name);
     if (n < 0 || (size_t)n >= cap) return -1;
     return mkdtemp(buf) ? 0 : -1;
+}
+
+int tu_tiny_model(const char *name, char *dir, size_t dircap, char *model, size_t modelcap)
+{
+    if (tu_mkdtemp(dir, dircap, name) != 0) return -1;
+    int n = snprintf(model, modelcap, "%s/tiny-f32.gguf", dir);
+    if (n < 0 || (size_t)n >= modelcap) return -1;
+    mkmodel_opts o;
+    mkmodel_defaults(&o);
+    o.seed = 11;
+    o.n_ctx = 1024;
+    char err[256];
+    if (mkmodel_write(&o, model, err, sizeof err) != 0) {
+        fprintf(stderr, "mkmodel: %s\n", err);
+        return -1;
+    }
+    return 0;
 }
 
 static int rm_one(const char *path, const struct stat *st, int flag, struct FTW *ftw)

@@ -12,6 +12,10 @@ double tu_now_ms(void);
 int tu_mkdtemp(char *buf, size_t cap, const char *name);
 /* Remove a folder and everything under it. 0, or -1. */
 int tu_rmtree(const char *dir);
+/* A temporary folder /tmp/duet-NAME-XXXXXX into dir[dircap] holding the suites' common tiny
+ * random model (llama, f32, mkmodel defaults, seed 11, 1024-token context), whose path
+ * goes into model[modelcap]. 0, or -1 with a message on stderr. */
+int tu_tiny_model(const char *name, char *dir, size_t dircap, char *model, size_t modelcap);
 /* fork + execv(argv[0], argv) with stdout and stderr into the file log. The child's pid. */
 pid_t tu_spawn(char *const argv[], const char *log);
 /* SIGTERM *pid and wait up to timeout_ms: its exit status (128 + signal when killed by
