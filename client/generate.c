@@ -91,6 +91,7 @@ static int parse_float(const char *opt, const char *s, float *out)
     return 0;
 }
 
+/* 0: run; 1: --help was printed; -1: bad arguments (reported). */
 static int parse_args(int argc, char **argv, gen_opts *o)
 {
     enum { O_CHAT = 256, O_SYSTEM, O_STYLE, O_KV, O_TEMP, O_TOPK, O_TOPP, O_MINP, O_REP, O_REPN,
@@ -130,7 +131,7 @@ static int parse_args(int argc, char **argv, gen_opts *o)
         case 's': if (parse_int("--seed", optarg, 0, 0x7fffffff, &seed)) return -1;
                   o->sp.seed = (uint64_t)seed; break;
         case 'q': o->quiet = 1; break;
-        case 'h': usage(stdout); exit(0);
+        case 'h': usage(stdout); return 1; /* done: the caller exits 0 */
         case O_CHAT: o->chat = 1; break;
         case O_SYSTEM: o->system = optarg; break;
         case O_STYLE: o->chat_style = optarg; break;
@@ -299,7 +300,8 @@ int generate_main(int argc, char **argv)
 {
     gen_opts o;
     memset(&o, 0, sizeof o);
-    if (parse_args(argc, argv, &o) != 0) return 2;
+    int pa = parse_args(argc, argv, &o);
+    if (pa != 0) return pa > 0 ? 0 : 2;
     dtype_t kv_type;
     if (parse_kv_type(o.kv_type, &kv_type) != 0) return 2;
 
