@@ -126,33 +126,6 @@ static int teardown(void **state)
     return rw == 0 && rd == 0 ? 0 : -1;
 }
 
-/* `duet generate`'s greedy token ids for prompt (the reference). */
-static int reference_ids(const char *prompt, int n, int32_t *ids, int cap)
-{
-    char cmd[4096], path[600];
-    snprintf(path, sizeof path, "%s/ref.txt", tmpdir);
-    FILE *pf = fopen(path, "w");
-    fputs(prompt, pf);
-    fclose(pf);
-    snprintf(cmd, sizeof cmd,
-             "%s/bin/duet generate -m '%s' -p \"$(cat '%s')\" -n %d -t 2 --print-ids --no-stats "
-             "2>&1 >/dev/null | sed -n 's/^generated ids: *//p'",
-             build, model, path, n);
-    FILE *p = popen(cmd, "r");
-    if (!p) return -1;
-    char line[8192] = "";
-    if (!fgets(line, sizeof line, p)) line[0] = 0;
-    pclose(p);
-    int k = 0;
-    for (char *s = line; *s && k < cap;) {
-        char *end;
-        long v = strtol(s, &end, 10);
-        if (end == s) break;
-        ids[k++] = (int32_t)v;
-        s = *end == ',' ? end + 1 : end;
-    }
-    return k;
-}
 
 static const char *words[] = {"the", "river", "quantum", "bread", "Paris", "seven", "engine",
                               "music", "history", "green", "winter", "code", "light", "stone"};
@@ -196,7 +169,7 @@ static void test_concurrent_equal_generate(void **state)
             fail_msg("request %d: %s", i, err.message);
         }
         int32_t *ref = refs[i];
-        int n = n_ref[i] = reference_ids(prompts[i], max_tokens[i], ref, 64);
+        int n = n_ref[i] = tu_generate_ids(build, model, tmpdir, prompts[i], max_tokens[i], "-t 2", ref, 64);
         if (n != r->n_token_ids || memcmp(ref, r->token_ids, (size_t)n * sizeof *ref) != 0)
             fail_msg("request %d: %d tokens through duetd differ from duet generate's %d", i,
                      r->n_token_ids, n);

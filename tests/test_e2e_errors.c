@@ -933,34 +933,6 @@ static int kill_teardown(void **state)
     return fx_stop(&kill_fx);
 }
 
-/* `duet generate`'s greedy token ids for prompt. */
-static int reference_ids(const fixture *fx, const char *prompt, int n, int32_t *ids, int cap)
-{
-    char cmd[4096], path[600];
-    snprintf(path, sizeof path, "%s/ref.txt", fx->tmpdir);
-    FILE *pf = fopen(path, "w");
-    if (!pf) return -1;
-    fputs(prompt, pf);
-    fclose(pf);
-    snprintf(cmd, sizeof cmd,
-             "%s/bin/duet generate -m '%s' -p \"$(cat '%s')\" -n %d -t 1 --ignore-eos --print-ids --no-stats "
-             "2>&1 >/dev/null | sed -n 's/^generated ids: *//p'",
-             fx->build, fx->model, path, n);
-    FILE *p = popen(cmd, "r");
-    if (!p) return -1;
-    char line[8192] = "";
-    if (!fgets(line, sizeof line, p)) line[0] = 0;
-    pclose(p);
-    int k = 0;
-    for (char *s = line; *s && k < cap;) {
-        char *end;
-        long v = strtol(s, &end, 10);
-        if (end == s) break;
-        ids[k++] = (int32_t)v;
-        s = *end == ',' ? end + 1 : end;
-    }
-    return k;
-}
 
 /* Read req's queued events (waiting at most timeout_ms for the first), appending its
  * token ids to ids[*n]; 1 once it has ended (*res or *lost set), else 0. */
@@ -1097,7 +1069,8 @@ static void disrupt_run(fixture *fx, disrupt_mode mode)
         assert_int_equal(res[i]->usage.completion_tokens, KILL_MAX_TOKENS);
         assert_int_equal(n_ids[i], KILL_MAX_TOKENS);
         int32_t ref[KILL_MAX_TOKENS + 8];
-        int n = reference_ids(fx, prompts[i], KILL_MAX_TOKENS, ref, KILL_MAX_TOKENS + 8);
+        int n = tu_generate_ids(fx->build, fx->model, fx->tmpdir, prompts[i], KILL_MAX_TOKENS, "-t 1 --ignore-eos", ref,
+                                KILL_MAX_TOKENS + 8);
         if (n != n_ids[i] || memcmp(ref, ids[i], (size_t)n * sizeof *ref) != 0) {
             int k = 0;
             while (k < n && k < n_ids[i] && ref[k] == ids[i][k]) k++;

@@ -43,6 +43,35 @@ int tu_tiny_model(const char *name, char *dir, size_t dircap, char *model, size_
     return 0;
 }
 
+int tu_generate_ids(const char *build, const char *model, const char *dir, const char *prompt,
+                    int n, const char *extra, int32_t *ids, int cap)
+{
+    char cmd[4096], path[600];
+    snprintf(path, sizeof path, "%s/ref.txt", dir);
+    FILE *pf = fopen(path, "w");
+    if (!pf) return -1;
+    fputs(prompt, pf);
+    fclose(pf);
+    snprintf(cmd, sizeof cmd,
+             "%s/bin/duet generate -m '%s' -p \"$(cat '%s')\" -n %d %s --print-ids --no-stats "
+             "2>&1 >/dev/null | sed -n 's/^generated ids: *//p'",
+             build, model, path, n, extra ? extra : "");
+    FILE *p = popen(cmd, "r");
+    if (!p) return -1;
+    char line[8192] = "";
+    if (!fgets(line, sizeof line, p)) line[0] = 0;
+    pclose(p);
+    int k = 0;
+    for (char *s = line; *s && k < cap;) {
+        char *end;
+        long v = strtol(s, &end, 10);
+        if (end == s) break;
+        ids[k++] = (int32_t)v;
+        s = *end == ',' ? end + 1 : end;
+    }
+    return k;
+}
+
 static int rm_one(const char *path, const struct stat *st, int flag, struct FTW *ftw)
 {
     (void)st;

@@ -4,6 +4,7 @@
 #define DUET_TESTS_TESTUTIL_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/types.h>
 
 /* Monotonic milliseconds. */
@@ -16,6 +17,11 @@ int tu_rmtree(const char *dir);
  * random model (llama, f32, mkmodel defaults, seed 11, 1024-token context), whose path
  * goes into model[modelcap]. 0, or -1 with a message on stderr. */
 int tu_tiny_model(const char *name, char *dir, size_t dircap, char *model, size_t modelcap);
+/* The reference: `BUILD/bin/duet generate -m model` run on prompt (written to a file in
+ * dir) with -n n and the extra options (e.g. "-t 2"), greedy; its generated token ids
+ * into ids[cap]. Returns how many, or -1. */
+int tu_generate_ids(const char *build, const char *model, const char *dir, const char *prompt,
+                    int n, const char *extra, int32_t *ids, int cap);
 /* fork + execv(argv[0], argv) with stdout and stderr into the file log. The child's pid. */
 pid_t tu_spawn(char *const argv[], const char *log);
 /* SIGTERM *pid and wait up to timeout_ms: its exit status (128 + signal when killed by
