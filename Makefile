@@ -25,7 +25,7 @@ endif
 ASAN      ?= 0
 DEFAULT_MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-PKGS      := libpcre2-8 libzmq jansson inih libsystemd libcrypto
+PKGS      := libpcre2-8 libzmq jansson inih libsystemd libcrypto ompi-c
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 
