@@ -1490,6 +1490,8 @@ static const field f_kv_ready[] = {
     FINT(proto_kv_ready, n_tokens, FL_REQ, 0, 1, IMAX),
     FINT(proto_kv_ready, cached_tokens, FL_REQ, 0, 0, IMAX),
     FSTR(proto_kv_ready, rng, FL_OMIT, 64, 64, CS_HEX),
+    FI64(proto_kv_ready, bytes, FL_OMIT, 0, 0, MAXI),
+    FDBL(proto_kv_ready, send_ms, FL_OMIT, 0, 0, 1e9),
 };
 static const schema s_kv_ready = {sizeof(proto_kv_ready), f_kv_ready, NF(f_kv_ready), 0,
                                   check_kv_ready};

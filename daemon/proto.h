@@ -667,6 +667,9 @@ typedef struct {
     int n_tokens;          /* context tokens whose KV was sent */
     int cached_tokens;     /* of which were prefix-cache hits at the source */
     char *rng;             /* sampler state after the first token (64 hex), or NULL */
+    int64_t bytes;         /* KV payload bytes this rank sent (optional, 0) */
+    double send_ms;        /* from the first layer shipped to the last send's completion
+                              (optional, 0): bytes / send_ms is the achieved bandwidth */
 } proto_kv_ready;
 
 /* kv_ack (decode leader -> duetd) and release (duetd -> either leader). */

@@ -543,3 +543,38 @@ int stop_match(const char *text, size_t len, const char *const *stops, int n_sto
     out->safe_len = len - hold;
     return 0;
 }
+
+void sample_rng_to_hex(const sample_rng *r, char hex[65])
+{
+    static const char dig[] = "0123456789abcdef";
+    for (int w = 0; w < 4; w++)
+        for (int b = 0; b < 8; b++) {
+            unsigned v = (unsigned)(r->s[w] >> (8 * b)) & 0xffu;
+            hex[16 * w + 2 * b] = dig[v >> 4];
+            hex[16 * w + 2 * b + 1] = dig[v & 15];
+        }
+    hex[64] = 0;
+}
+
+static int hexval(char c)
+{
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+int sample_rng_from_hex(const char *hex, sample_rng *r)
+{
+    if (!hex || !r || strlen(hex) != 64) return -1;
+    sample_rng t = {{0, 0, 0, 0}};
+    for (int w = 0; w < 4; w++)
+        for (int b = 0; b < 8; b++) {
+            int hi = hexval(hex[16 * w + 2 * b]), lo = hexval(hex[16 * w + 2 * b + 1]);
+            if (hi < 0 || lo < 0) return -1;
+            t.s[w] |= (uint64_t)(hi << 4 | lo) << (8 * b);
+        }
+    if (!(t.s[0] | t.s[1] | t.s[2] | t.s[3])) return -1;
+    *r = t;
+    return 0;
+}

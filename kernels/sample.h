@@ -55,6 +55,12 @@ typedef struct {
     uint64_t s[4];
 } sample_rng;
 
+/* The state as 64 lower-case hex digits (+ NUL): the four words in order, each as its 8
+ * little-endian bytes (docs/PROTOCOL.md, assign.rng). */
+void sample_rng_to_hex(const sample_rng *r, char hex[65]);
+/* Parse that form; 0, or -1 (not 64 hex digits, or the all-zero state xoshiro cannot use). */
+int sample_rng_from_hex(const char *hex, sample_rng *r);
+
 /* Seed r from seed (splitmix64 expansion; any seed, 0 included, gives a valid state). */
 void sample_rng_seed(sample_rng *r, uint64_t seed);
 /* Next 64 random bits. */

@@ -613,6 +613,7 @@ int model_forward(model_ctx_t *c, const model_t *m, kv_cache_t *kv, const model_
                 return -1;
             }
         }
+        if (c->progress) c->progress(c->progress_user, il);
         attn_kv_view view = {.dtype = kc->dtype, .n_kv_head = nkv, .head_dim = hd,
                              .block_tokens = kc->block_tokens,
                              .k = kv_k_layer(kv, il), .v = kv_v_layer(kv, il)};
@@ -632,7 +633,6 @@ int model_forward(model_ctx_t *c, const model_t *m, kv_cache_t *kv, const model_
         if (mm_run(c->pool, &fin, gu, 2, c->ws) != 0) goto mm_fail;
         /* down(silu(gate) * up): SwiGLU is applied as the down projection reads its input */
         if (project_add(c, tp, &L->wdown, c->gate, c->up, T, c->x) != 0) goto mm_fail;
-        if (c->progress) c->progress(c->progress_user);
     }
     if (n_logit_rows == 0) return 0;
 

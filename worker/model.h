@@ -96,10 +96,13 @@ typedef struct {
     int (*gather_vocab)(void *user, const float *part, int n_rows, float *full);
 } model_collectives;
 
-/* Called by model_forward on the calling thread after every layer, so a caller whose
- * event loop shares the thread (duet-worker) can keep its heartbeats going through a
- * long step. fn NULL removes it. fn must not call model_forward. */
-typedef void (*model_progress_fn)(void *user);
+/* Called by model_forward on the calling thread once per layer, as soon as that layer's
+ * K and V of the whole batch are stored in the KV cache (before its attention), with the
+ * layer's index: a caller whose event loop shares the thread (duet-worker) keeps its
+ * heartbeats going through a long step, and a prefill worker ships the layer's KV while
+ * the rest of the forward pass runs. fn NULL removes it. fn must not call model_forward
+ * or change the KV cache. */
+typedef void (*model_progress_fn)(void *user, int layer);
 void model_ctx_set_progress(model_ctx_t *ctx, model_progress_fn fn, void *user);
 
 /* Needed before model_forward when tp_size > 1. c is copied. */

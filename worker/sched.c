@@ -24,6 +24,7 @@ typedef struct {
     int32_t *stop_ids;    /* [n_stop] */
     int n_stop;
     int ignore_eog;
+    int ship_kv;
     sample_params sp;
     sample_rng rng;       /* the request's PRNG, carried across steps and preemptions */
     int seq;              /* KV sequence while running, -1 while waiting */
@@ -59,6 +60,10 @@ struct sched {
     int q_head, q_len, q_cap;
     uint64_t next_stamp;
     sched_stats st;
+    sched_layer_fn hook;  /* sched_set_layer_hook */
+    void *hook_user;
+    sched_ship *ships;    /* [max_running] this step's requests that complete with ship_kv */
+    int n_ships;
 };
 
 static void set_err(char *err, size_t errlen, const char *fmt, ...)
@@ -92,6 +97,19 @@ static void req_free(req_t *r)
 }
 
 /* ---- creation ------------------------------------------------------------------------ */
+
+/* model_forward's per-layer hook: the user's layer hook with this step's ships. */
+static void on_layer(void *user, int layer)
+{
+    sched_t *s = user;
+    if (s->hook) s->hook(s->hook_user, layer, s->ships, s->n_ships);
+}
+
+void sched_set_layer_hook(sched_t *s, sched_layer_fn fn, void *user)
+{
+    s->hook = fn;
+    s->hook_user = user;
+}
 
 sched_status sched_new(const model_t *m, kv_cache_t *kv, const sched_config *cfg, sched_t **out,
                        char *err, size_t errlen)
@@ -159,6 +177,7 @@ sched_status sched_new(const model_t *m, kv_cache_t *kv, const sched_config *cfg
     ok = ok && (s->batch = malloc(R * sizeof *s->batch));
     ok = ok && (s->ent = malloc(R * sizeof *s->ent));
     ok = ok && (s->run = malloc(R * sizeof *s->run));
+    ok = ok && (s->ships = malloc(R * sizeof *s->ships));
     s->q_cap = 2 * c.max_running + 16;
     ok = ok && (s->q = malloc((size_t)s->q_cap * sizeof *s->q));
     if (!ok) goto oom;
@@ -169,6 +188,7 @@ sched_status sched_new(const model_t *m, kv_cache_t *kv, const sched_config *cfg
         sched_destroy(&s);
         return SCHED_ERR_MODEL;
     }
+    model_ctx_set_progress(s->ctx, on_layer, s);
     *out = s;
     return SCHED_OK;
 oom:
@@ -193,6 +213,7 @@ void sched_destroy(sched_t **self_p)
     free(s->batch);
     free(s->ent);
     free(s->run);
+    free(s->ships);
     free(s->wait);
     free(s->q);
     free(s);
@@ -357,6 +378,18 @@ sched_status sched_add(sched_t *s, const sched_req *q, char *err, size_t errlen)
                 id, q->n_prompt, q->max_tokens, blocks, s->block_tokens, kv_n_blocks(s->kv));
         return SCHED_ERR_TOO_LONG;
     }
+    if (q->has_kv) {
+        const int32_t *kt = kv_seq_tokens(s->kv, q->kv_seq);
+        if (q->n_kv < 1 || q->n_kv >= q->n_prompt || !kt ||
+            kv_seq_len(s->kv, q->kv_seq) != q->n_kv ||
+            memcmp(kt, q->prompt, (size_t)q->n_kv * sizeof *kt) != 0) {
+            set_err(err, errlen,
+                    "request %" PRIu64 ": KV sequence %d does not hold the first %d of the %d "
+                    "prompt tokens (it must hold 1 to n_prompt - 1 of them, the same ones)", id,
+                    q->kv_seq, q->n_kv, q->n_prompt);
+            return SCHED_ERR_INVAL;
+        }
+    }
     int running;
     if (find(s, id, &running)) {
         set_err(err, errlen, "request %" PRIu64 ": a live request already has this id", id);
@@ -384,10 +417,25 @@ sched_status sched_add(sched_t *s, const sched_req *q, char *err, size_t errlen)
     if (q->n_stop_ids) memcpy(r->stop_ids, q->stop_ids, (size_t)q->n_stop_ids * sizeof *r->stop_ids);
     r->n_stop = q->n_stop_ids;
     r->ignore_eog = q->ignore_eog;
+    r->ship_kv = q->ship_kv;
     r->sp = q->sp;
-    sample_rng_seed(&r->rng, q->sp.seed);
+    if (q->rng)
+        r->rng = *q->rng;
+    else
+        sample_rng_seed(&r->rng, q->sp.seed);
     r->seq = -1;
     r->n_cached = -1;
+    if (q->has_kv) {
+        if (s->n_run < s->cfg.max_running) {
+            r->seq = q->kv_seq;
+            r->n_done = r->n_high = q->n_kv;
+            r->n_cached = 0;
+            r->stamp = s->next_stamp++;
+            s->run[s->n_run++] = r;
+            return SCHED_OK;
+        }
+        kv_seq_free(s->kv, q->kv_seq); /* its committed blocks stay in the prefix cache */
+    }
     s->wait[s->n_wait++] = r;
     return SCHED_OK;
 oom:
@@ -574,6 +622,7 @@ static int sample_next(sched_t *s, req_t *r, const float *row)
     e->token = tok;
     e->index = r->n_gen - 1;
     e->first = r->n_gen == 1;
+    e->rng = r->rng;
     int eog = 0, stop = 0;
     if (!r->ignore_eog)
         for (int i = 0; i < s->cfg.n_eog && !eog; i++) eog = s->eog[i] == tok;
@@ -599,7 +648,14 @@ sched_status sched_step(sched_t *s, sched_event *events, int cap, int *n_events)
         return SCHED_OK;
     }
     int rows = 0;
-    for (int i = 0; i < nb; i++) s->ent[i].row = s->batch[i].logits ? rows++ : -1;
+    s->n_ships = 0;
+    for (int i = 0; i < nb; i++) {
+        s->ent[i].row = s->batch[i].logits ? rows++ : -1;
+        const req_t *r = s->ent[i].r;
+        if (r->ship_kv && s->batch[i].logits)
+            s->ships[s->n_ships++] = (sched_ship){.id = r->id, .seq = r->seq,
+                                                  .n_tokens = r->n_done + s->batch[i].n_tokens};
+    }
     char err[160];
     if (model_forward(s->ctx, s->m, s->kv, s->batch, nb, s->logits, err, sizeof err) != 0) {
         for (int i = 0; i < nb; i++) {

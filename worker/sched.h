@@ -84,6 +84,16 @@ typedef struct {
     const int32_t *stop_ids; /* [n_stop_ids] tokens that end the generation (may be NULL) */
     int n_stop_ids;
     int ignore_eog;          /* 0: also stop at the configured eog_ids; 1: do not */
+    const sample_rng *rng;   /* the PRNG state to continue from (a request sampled across
+                                workers), or NULL: seeded from sp.seed */
+    int ship_kv;             /* 1: report this request to the layer hook (sched_set_layer_hook)
+                                in the step that computes its last pending token, so its KV
+                                can be shipped layer by layer (a prefill worker) */
+    int has_kv;              /* 1: the KV of prompt[0, n_kv) is already in the KV sequence
+                                kv_seq (a decode worker that received it): the scheduler takes
+                                the sequence over (on SCHED_OK only) and computes the rest */
+    int kv_seq;              /* has_kv: the sequence (kv_seq_len == n_kv, same tokens) */
+    int n_kv;                /* has_kv: tokens with K/V, 1 <= n_kv < n_prompt */
 } sched_req;
 
 typedef enum {
@@ -115,6 +125,7 @@ typedef struct {
     int32_t token;           /* TOKEN: the token id */
     int index;               /* TOKEN: 0-based index among the generated tokens */
     int first;               /* TOKEN: 1 for the first generated token (TTFT) */
+    sample_rng rng;          /* TOKEN: the request's PRNG state after drawing this token */
     sched_finish reason;     /* FINISHED: why */
     sched_usage usage;       /* FINISHED, FAILED: counts at the end */
     char msg[192];           /* FAILED: what went wrong, naming the request */
@@ -151,11 +162,29 @@ const sched_config *sched_config_of(const sched_t *s);
 /* The model context the steps run on (borrowed), e.g. for model_ctx_set_collectives. */
 model_ctx_t *sched_model_ctx(sched_t *s);
 
+/* A request whose last pending token is computed in the current step (ship_kv set). */
+typedef struct {
+    uint64_t id;   /* the request */
+    int seq;       /* its KV sequence (read-only for the hook) */
+    int n_tokens;  /* positions [0, n_tokens) have K/V once the step is done */
+} sched_ship;
+
+/* Called once per layer of every forward pass, on the stepping thread, as soon as the
+ * layer's K/V are stored (model_progress_fn), with the requests of the step that have
+ * ship_kv set and complete their prompt in it: for them, positions [0, n_tokens) of that
+ * layer are final. n may be 0 (the hook then only keeps an event loop alive). The hook
+ * must not call the scheduler or change the KV cache. fn NULL removes it. */
+typedef void (*sched_layer_fn)(void *user, int layer, const sched_ship *ships, int n);
+void sched_set_layer_hook(sched_t *s, sched_layer_fn fn, void *user);
+
 /* Queue a request (copied). SCHED_ERR_INVAL for a NULL or empty prompt, a token or stop
  * id outside the vocabulary, max_tokens < 1, bad sampling parameters;
  * SCHED_ERR_TOO_LONG when prompt + max_tokens exceed n_ctx or could never fit the KV
  * pool; SCHED_ERR_DUP for an id in use; SCHED_ERR_NOMEM. The message in err[errlen]
- * names the request id and the problem. */
+ * names the request id and the problem.
+ * With has_kv, the request runs at once when a running slot is free (its KV is there);
+ * otherwise its sequence is released (the caller committed its full blocks to the prefix
+ * cache, so little is recomputed) and it waits like any other. */
 sched_status sched_add(sched_t *s, const sched_req *r, char *err, size_t errlen);
 
 /* Cancel a live request: its KV blocks are released at once and a FINISHED event with

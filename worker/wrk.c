@@ -1,6 +1,9 @@
 /* worker/wrk.c: the duet-worker event loop (see worker/wrk.h). */
 #include "worker/wrk.h"
 
+#include "comm/comm.h"
+#include "worker/xfer.h"
+
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
@@ -27,15 +30,34 @@
 
 #define WRK_SOFTWARE "duet 0.1.0"
 #define WRK_EVENTS_SLACK 64     /* event buffer beyond sched_events_max (cancels between steps) */
+#define WRK_XFER_POLL_MS 1      /* longest wait while transfers are in flight (MPI has no fd) */
 #define WRK_POLL_MAX_MS 1000    /* longest single wait, so a clock jump cannot stall the loop */
 #define WRK_LINE 1024           /* longest log line */
 #define WRK_DROP_MAX_STEPS 4096 /* bound on the calls that drain a cancelled scheduler */
 
-/* One request this worker holds (from sched_add until its finished/failed is sent). */
+/* One request this worker holds (from sched_add until its finished/failed, or for a
+ * prefill its kv_ready, is sent). */
 typedef struct {
-    int64_t rid; /* 0: empty slot */
-    int gen0;    /* completion tokens before this assign (assign.generated) */
+    int64_t rid;      /* 0: empty slot */
+    int gen0;         /* completion tokens before this assign (assign.generated) */
+    proto_role role;  /* both, prefill or decode */
+    int64_t xfer;     /* prefill, decode: its transfer */
+    int done;         /* prefill: the scheduler ended it (first token sampled) */
+    int sent;         /* prefill: every send of its KV completed */
+    int xfailed;      /* prefill: the transfer failed and `failed` went out: the scheduler's
+                         end of it is swallowed */
+    int n_cached;     /* prefill: prompt tokens found in the prefix cache */
+    int n_tokens;     /* prefill: context tokens whose KV was sent */
+    int64_t bytes;    /* prefill: KV bytes sent */
+    double send_ms;   /* prefill: shipping time */
+    sample_rng rng;   /* prefill: the PRNG after the first token */
 } live_req;
+
+/* A decode assign whose KV has not all arrived yet. */
+typedef struct pend_assign {
+    proto_assign a;   /* owned */
+    struct pend_assign *next;
+} pend_assign;
 
 /* What a phase of the loop ended with. */
 typedef enum {
@@ -51,6 +73,9 @@ struct wrk {
     model_t *model;
     kv_cache_t *kv;
     sched_t *sched;
+    comm_t *comm;      /* the data plane (prefill and decode roles, or mpi), or NULL */
+    xfer_t *xfer;      /* KV transfers over comm */
+    pend_assign *pend; /* decode assigns waiting for their KV */
     int32_t *eog; /* [n_eog] */
     int n_eog;
     char sha256[65];
@@ -70,6 +95,7 @@ struct wrk {
     int hb_ms, dead_after;      /* in force for the current connection */
     int64_t last_recv, last_hb; /* monotonic ms: last message from duetd, last heartbeat sent */
     int registered;             /* the current connection got `registered` */
+    proto_role role;            /* from `registered` */
     wrk_status fatal;           /* the status that goes with a PH_FATAL */
     int notified_ready;
 
@@ -88,6 +114,7 @@ struct wrk {
 /* ---- small helpers ------------------------------------------------------------------- */
 
 static void heartbeat_during_step(void *user);
+static void on_layer(void *user, int layer, const sched_ship *ships, int n);
 
 static void set_err(char *err, size_t errlen, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -309,15 +336,15 @@ wrk_status wrk_config_from_file(const duet_config *dc, const char *group_name, i
     }
     if (g->tp_size > 1) {
         set_err(err, errlen,
-                "%s: [group %s] tp_size %d: tensor parallelism needs comm/ (issue 5); this "
-                "duet-worker runs groups of tp_size 1 only", src, g->name, g->tp_size);
+                "%s: [group %s] tp_size %d: tensor parallelism across worker processes is "
+                "not wired into duet-worker yet; it runs groups of tp_size 1 only", src, g->name,
+                g->tp_size);
         return WRK_ERR_CONFIG;
     }
-    if (g->role != CONFIG_ROLE_BOTH) {
+    if (g->transport == CONFIG_TRANSPORT_NCCL) {
         set_err(err, errlen,
-                "%s: [group %s] role %s: disaggregated roles need comm/ (issue 5) for the KV "
-                "transfer; this duet-worker serves role both only", src, g->name,
-                config_role_name(g->role));
+                "%s: [group %s] transport nccl: the NCCL data plane needs GPU workers; this "
+                "duet-worker runs on the CPU (use transport tcp or mpi)", src, g->name);
         return WRK_ERR_CONFIG;
     }
     if (tp_rank < g->n_devices && g->devices[tp_rank].kind != CONFIG_DEV_CPU) {
@@ -470,18 +497,17 @@ static wrk_status check_config(const wrk_config *c, char *err, size_t errlen)
     }
     if (c->tp_size != 1) {
         set_err(err, errlen,
-                "tp_size %d: tensor parallelism needs comm/ (issue 5); this duet-worker runs "
-                "groups of tp_size 1 only", c->tp_size);
+                "tp_size %d: tensor parallelism across worker processes is not wired into "
+                "duet-worker yet; it runs groups of tp_size 1 only", c->tp_size);
         return WRK_ERR_CONFIG;
     }
     if (c->tp_rank != 0) {
         set_err(err, errlen, "rank %d is outside [0, tp_size 1)", c->tp_rank);
         return WRK_ERR_CONFIG;
     }
-    if (c->role != PROTO_ROLE_BOTH) {
-        set_err(err, errlen,
-                "role '%s': disaggregated roles need comm/ (issue 5); this duet-worker serves "
-                "role both only", proto_role_name(c->role));
+    if (c->backend == PROTO_BACKEND_NCCL) {
+        set_err(err, errlen, "backend nccl needs a GPU worker; this duet-worker runs on the CPU "
+                             "(use tcp or mpi)");
         return WRK_ERR_CONFIG;
     }
     if (c->worker_id) {
@@ -628,7 +654,12 @@ wrk_status wrk_new(const wrk_config *c, wrk_t **out, char *err, size_t errlen)
         rc = ss == SCHED_ERR_NOMEM ? WRK_ERR_NOMEM : WRK_ERR_CONFIG;
         goto fail;
     }
-    model_ctx_set_progress(sched_model_ctx(w->sched), heartbeat_during_step, w);
+    sched_set_layer_hook(w->sched, on_layer, w);
+    if (xfer_new(w->kv, &w->xfer) != XFER_OK) {
+        set_err(err, errlen, "out of memory");
+        rc = WRK_ERR_NOMEM;
+        goto fail;
+    }
     w->ev_cap = sched_events_max(w->sched) + WRK_EVENTS_SLACK;
     w->ev = malloc((size_t)w->ev_cap * sizeof *w->ev);
     w->tev = malloc((size_t)w->ev_cap * sizeof *w->tev);
@@ -654,6 +685,23 @@ wrk_status wrk_new(const wrk_config *c, wrk_t **out, char *err, size_t errlen)
         rc = WRK_ERR_SYS;
         goto fail;
     }
+    /* The data plane: a worker that may move KV (any role but both), or one started by
+     * mpirun with transport mpi. */
+    if (c->backend == PROTO_BACKEND_MPI) {
+        if (comm_mpi_new(&w->comm, why, sizeof why) != COMM_OK) {
+            set_err(err, errlen, "data plane (mpi): %s", why);
+            rc = WRK_ERR_SYS;
+            goto fail;
+        }
+    } else if (c->role != PROTO_ROLE_BOTH) {
+        const char *bind = w->data_endpoint;
+        if (comm_tcp_new(bind, w->zctx, &w->comm, why, sizeof why) != COMM_OK) {
+            set_err(err, errlen, "data plane (tcp) at %s: %s", bind, why);
+            rc = WRK_ERR_SYS;
+            goto fail;
+        }
+    }
+    xfer_set_comm(w->xfer, w->comm);
     kv_stats kst;
     kv_get_stats(w->kv, &kst);
     w->st.kv_blocks_total = kst.blocks_total;
@@ -670,6 +718,14 @@ void wrk_destroy(wrk_t **self_p)
     if (!self_p || !*self_p) return;
     wrk_t *w = *self_p;
     if (w->sock) zmq_close(w->sock);
+    while (w->pend) {
+        pend_assign *p = w->pend;
+        w->pend = p->next;
+        proto_assign_free(&p->a);
+        free(p);
+    }
+    xfer_destroy(&w->xfer);
+    comm_destroy(&w->comm);
     if (w->zctx) zmq_ctx_term(w->zctx);
     if (w->wake_fd >= 0) close(w->wake_fd);
     sched_destroy(&w->sched);
@@ -748,6 +804,18 @@ static void refresh_stats(wrk_t *w)
     w->st.kv_blocks_cached = ss.kv.blocks_evictable;
     w->st.heartbeat_ms = w->hb_ms;
     w->st.dead_after = w->dead_after;
+    if (w->xfer) {
+        xfer_stats xs;
+        xfer_get_stats(w->xfer, &xs);
+        w->st.xfers_sent = xs.sent;
+        w->st.xfers_received = xs.received;
+        w->st.xfers_failed = xs.failed;
+        w->st.xfers_expired = xs.expired;
+        w->st.xfer_bytes_sent = xs.bytes_sent;
+        w->st.xfer_bytes_received = xs.bytes_received;
+        w->st.xfers_in_flight = xs.in_flight;
+        w->st.kv_blocks_reserved = xs.blocks_reserved;
+    }
     pthread_mutex_unlock(&w->mu);
 }
 
@@ -829,12 +897,27 @@ static void heartbeat_during_step(void *user)
         (void)send_heartbeat(w);
 }
 
+/* The scheduler's layer hook: ship the layer's KV of the prefills that complete in this
+ * step, keep the data plane moving, and keep heartbeats going through a long step. */
+static void on_layer(void *user, int layer, const sched_ship *ships, int n)
+{
+    wrk_t *w = user;
+    for (int i = 0; i < n; i++) {
+        int64_t xf = xfer_of_rid(w->xfer, ships[i].id);
+        if (xf) xfer_ship(w->xfer, xf, ships[i].seq, layer, ships[i].n_tokens);
+    }
+    if (w->comm) (void)comm_progress(w->comm);
+    heartbeat_during_step(w);
+}
+
 /* Wait for the socket (events), the wake fd or the signal fd, at most timeout_ms.
  * Returns the socket's revents (0 on timeout or a stop). */
 static int wait_io(wrk_t *w, short events, int64_t timeout_ms)
 {
-    zmq_pollitem_t it[3];
+    zmq_pollitem_t it[4];
     int n = 0, si = -1, wi, gi = -1;
+    void *dz = w->comm ? comm_zsock(w->comm) : NULL;
+    if (dz && w->registered) it[n++] = (zmq_pollitem_t){.socket = dz, .events = ZMQ_POLLIN};
     if (w->sock && events) {
         si = n;
         it[n++] = (zmq_pollitem_t){.socket = w->sock, .events = events};
@@ -910,7 +993,7 @@ static int send_register(wrk_t *w)
     r.kv.n_heads = sh->n_head_kv;
     r.kv.head_dim = hp->head_dim;
     r.kv.capacity_blocks = kv_n_blocks(w->kv);
-    r.rank = -1;
+    r.rank = w->comm && comm_backend_of(w->comm) == COMM_BACKEND_MPI ? comm_rank(w->comm) : -1;
     r.group = w->cfg.group;
     r.role = w->cfg.role;
     r.tp_rank = w->cfg.tp_rank;
@@ -920,7 +1003,8 @@ static int send_register(wrk_t *w)
     r.device.name = w->cpu_name;
     r.device.memory_bytes = w->mem_bytes;
     r.backend = w->cfg.backend;
-    r.endpoint = w->cfg.backend == PROTO_BACKEND_TCP ? w->data_endpoint : NULL;
+    r.endpoint = w->cfg.backend != PROTO_BACKEND_TCP ? NULL
+                 : w->comm ? (char *)comm_tcp_endpoint(w->comm) : w->data_endpoint;
     r.max_batch = w->cfg.max_seqs;
     /* the caller polled for POLLOUT: this does not wait */
     if (proto_send_body(w->sock, NULL, PROTO_WORKER, PROTO_CMD_REGISTER, PROTO_T_REGISTER, &r,
@@ -932,13 +1016,15 @@ static int send_register(wrk_t *w)
 /* The place duetd gave must be one this worker can serve. */
 static phase_rc accept_registered(wrk_t *w, const proto_registered *r, char *err, size_t errlen)
 {
-    if (r->role != PROTO_ROLE_BOTH) {
+    if (r->role != PROTO_ROLE_BOTH && !w->comm) {
         set_err(err, errlen,
-                "duetd gave this worker role '%s': disaggregated roles need comm/ (issue 5); "
-                "configure its group with role both", proto_role_name(r->role));
+                "duetd gave this worker role '%s', which moves KV over the data plane, but it "
+                "was started without one (role both); configure its group's role",
+                proto_role_name(r->role));
         w->fatal = WRK_ERR_CONFIG;
         return PH_FATAL;
     }
+    w->role = r->role;
     if (r->tp_size != w->cfg.tp_size || r->tp_rank != w->cfg.tp_rank) {
         set_err(err, errlen,
                 "duetd placed this worker at tp rank %d of %d, but it loaded rank %d of %d",
@@ -1122,6 +1208,93 @@ static int reject(wrk_t *w, int64_t rid, int64_t xfer, proto_code code, int retr
     return send_failed(w, rid, xfer, code, retryable, msg);
 }
 
+/* The sampler state of an assign (assign.rng), or NULL (seed from sampling.seed). */
+static const sample_rng *assign_rng(wrk_t *w, const proto_assign *a, sample_rng *buf)
+{
+    if (!a->rng) return NULL;
+    if (sample_rng_from_hex(a->rng, buf) == 0) return buf;
+    LOG_W(w, "assign rid %" PRId64 ": 'rng' is not a usable PRNG state: seeding from "
+             "sampling.seed", a->rid);
+    return NULL;
+}
+
+/* Map a scheduler status of sched_add to a rejection. */
+static int reject_sched(wrk_t *w, int64_t rid, int64_t xfer, sched_status st, const char *why)
+{
+    char msg[512];
+    snprintf(msg, sizeof msg, "assign: %s", why);
+    switch (st) {
+    case SCHED_ERR_TOO_LONG: return reject(w, rid, xfer, PROTO_ERR_KV_FULL, 1, msg);
+    case SCHED_ERR_NOMEM: return reject(w, rid, xfer, PROTO_ERR_INTERNAL, 1, msg);
+    default: return reject(w, rid, xfer, PROTO_ERR_BAD_REQUEST, 0, msg);
+    }
+}
+
+/* Add a request to the scheduler and the live table. 0 with *st SCHED_OK, or the
+ * scheduler's refusal in *st and why[]. */
+static void admit(wrk_t *w, const sched_req *q, const proto_assign *a, sched_status *st,
+                  char *why, size_t whylen)
+{
+    *st = sched_add(w->sched, q, why, whylen);
+    if (*st != SCHED_OK) return;
+    if (live_put(w, a->rid, a->n_generated) != 0) {
+        sched_cancel(w->sched, (uint64_t)a->rid); /* its FINISHED is dropped: not in the table */
+        *st = SCHED_ERR_NOMEM;
+        snprintf(why, whylen, "request %" PRId64 ": out of memory", a->rid);
+        return;
+    }
+    live_req *lr = live_find(w, a->rid);
+    lr->role = a->role;
+    lr->xfer = a->has_transfer ? a->transfer.xfer : 0;
+    ST_ADD(w, assigns, 1);
+}
+
+/* A decode assign whose KV is all here: hand the sequence to the scheduler. Returns -1
+ * when the connection is lost. */
+static int start_decode(wrk_t *w, const proto_assign *a)
+{
+    const int64_t xf = a->transfer.xfer;
+    const int n_ctx_tokens = a->n_tokens + a->n_generated;
+    int seq = -1, n_kv = 0;
+    char msg[512];
+    if (xfer_take(w->xfer, xf, &seq, &n_kv) != XFER_OK) {
+        snprintf(msg, sizeof msg, "assign rid %" PRId64 ": transfer %" PRId64 " is not complete "
+                 "here", a->rid, xf);
+        return reject(w, a->rid, xf, PROTO_ERR_TRANSFER_FAILED, 1, msg);
+    }
+    if (n_kv != n_ctx_tokens - 1) {
+        kv_seq_free(w->kv, seq);
+        snprintf(msg, sizeof msg, "assign rid %" PRId64 ": transfer %" PRId64 " carried the KV of "
+                 "%d tokens, but the context before the last generated token has %d", a->rid,
+                 xf, n_kv, n_ctx_tokens - 1);
+        return reject(w, a->rid, xf, PROTO_ERR_BAD_REQUEST, 0, msg);
+    }
+    int32_t *ctx = malloc((size_t)n_ctx_tokens * sizeof *ctx);
+    if (!ctx) {
+        kv_seq_free(w->kv, seq);
+        return reject(w, a->rid, xf, PROTO_ERR_INTERNAL, 1, "assign: out of memory");
+    }
+    memcpy(ctx, a->tokens, (size_t)a->n_tokens * sizeof *ctx);
+    memcpy(ctx + a->n_tokens, a->generated, (size_t)a->n_generated * sizeof *ctx);
+    sample_rng rb;
+    sched_req q = {.id = (uint64_t)a->rid, .prompt = ctx, .n_prompt = n_ctx_tokens,
+                   .sp = proto_sampling_params(&a->sampling, (uint64_t)a->sampling.seed),
+                   .max_tokens = a->max_tokens - a->n_generated, .stop_ids = a->stop_token_ids,
+                   .n_stop_ids = a->n_stop_token_ids, .ignore_eog = a->ignore_eos,
+                   .rng = assign_rng(w, a, &rb), .has_kv = 1, .kv_seq = seq, .n_kv = n_kv};
+    char why[256];
+    sched_status st;
+    admit(w, &q, a, &st, why, sizeof why);
+    free(ctx);
+    if (st != SCHED_OK) {
+        if (kv_seq_len(w->kv, seq) >= 0) kv_seq_free(w->kv, seq); /* not taken over */
+        return reject_sched(w, a->rid, xf, st, why);
+    }
+    LOG_D(w, "decode rid %" PRId64 ": KV of %d tokens from transfer %" PRId64 ", up to %d new",
+          a->rid, n_kv, xf, a->max_tokens - a->n_generated);
+    return 0;
+}
+
 /* assign: queue the request. Returns -1 when the connection is lost. */
 static int on_assign(wrk_t *w, const json_t *body)
 {
@@ -1139,17 +1312,23 @@ static int on_assign(wrk_t *w, const json_t *body)
     char msg[512];
     int rc = 0;
     int32_t *ctx = NULL;
+    const int64_t xf = a.has_transfer ? a.transfer.xfer : 0;
     if (w->draining) {
         snprintf(msg, sizeof msg, "assign: worker %s is stopping and takes no new requests",
                  w->worker_id);
-        rc = reject(w, a.rid, a.has_transfer ? a.transfer.xfer : 0, PROTO_ERR_INTERNAL, 1, msg);
+        rc = reject(w, a.rid, xf, PROTO_ERR_INTERNAL, 1, msg);
         goto out;
     }
-    if (a.role != PROTO_ROLE_BOTH) {
-        snprintf(msg, sizeof msg,
-                 "assign: role '%s' needs the KV data plane (comm/, issue 5); this worker "
-                 "serves role both only", proto_role_name(a.role));
-        rc = reject(w, a.rid, a.has_transfer ? a.transfer.xfer : 0, PROTO_ERR_BAD_REQUEST, 0, msg);
+    if (a.role != PROTO_ROLE_BOTH && (!w->comm || (w->role != a.role && w->role != PROTO_ROLE_ANY))) {
+        snprintf(msg, sizeof msg, "assign: role '%s' on a worker of role '%s'%s",
+                 proto_role_name(a.role), proto_role_name(w->role),
+                 w->comm ? "" : " without a KV data plane");
+        rc = reject(w, a.rid, xf, PROTO_ERR_BAD_REQUEST, 0, msg);
+        goto out;
+    }
+    if (a.role != PROTO_ROLE_BOTH && !a.has_transfer) {
+        snprintf(msg, sizeof msg, "assign: role '%s' needs a 'transfer'", proto_role_name(a.role));
+        rc = reject(w, a.rid, 0, PROTO_ERR_BAD_REQUEST, 0, msg);
         goto out;
     }
     if (live_find(w, a.rid)) {
@@ -1165,87 +1344,259 @@ static int on_assign(wrk_t *w, const json_t *body)
                  "assign rid %" PRId64 ": the context (%d prompt + %d generated tokens) plus the "
                  "%d tokens left exceed this worker's context limit of %d tokens", a.rid,
                  a.n_tokens, a.n_generated, budget, w->n_ctx);
-        rc = reject(w, a.rid, 0, PROTO_ERR_BAD_REQUEST, 0, msg);
+        rc = reject(w, a.rid, xf, PROTO_ERR_BAD_REQUEST, 0, msg);
+        goto out;
+    }
+    if (a.role == PROTO_ROLE_DECODE) {
+        if (a.n_generated < 1) {
+            rc = reject(w, a.rid, xf, PROTO_ERR_BAD_REQUEST, 0,
+                        "assign: a decode assign carries the prefill's token in 'generated'");
+            goto out;
+        }
+        if (xfer_received(w->xfer, xf)) {
+            rc = start_decode(w, &a);
+            goto out;
+        }
+        if (!xfer_holds(w->xfer, xf)) {
+            snprintf(msg, sizeof msg, "assign rid %" PRId64 ": transfer %" PRId64 " is not held "
+                     "here (never reserved, released, failed or expired)", a.rid, xf);
+            rc = reject(w, a.rid, xf, PROTO_ERR_TRANSFER_FAILED, 1, msg);
+            goto out;
+        }
+        pend_assign *p = calloc(1, sizeof *p);
+        if (!p) {
+            rc = reject(w, a.rid, xf, PROTO_ERR_INTERNAL, 1, "assign: out of memory");
+            goto out;
+        }
+        p->a = a; /* ownership moves */
+        proto_assign_init(&a);
+        p->next = w->pend;
+        w->pend = p;
+        LOG_D(w, "decode rid %" PRId64 ": waiting for the rest of transfer %" PRId64, p->a.rid, xf);
         goto out;
     }
     ctx = malloc((size_t)n_ctx_tokens * sizeof *ctx);
     if (!ctx) {
-        rc = reject(w, a.rid, 0, PROTO_ERR_INTERNAL, 1, "assign: out of memory");
+        rc = reject(w, a.rid, xf, PROTO_ERR_INTERNAL, 1, "assign: out of memory");
         goto out;
     }
     memcpy(ctx, a.tokens, (size_t)a.n_tokens * sizeof *ctx);
     if (a.n_generated) memcpy(ctx + a.n_tokens, a.generated, (size_t)a.n_generated * sizeof *ctx);
-    if (a.rng && a.sampling.temperature > 0)
-        LOG_W(w, "assign rid %" PRId64 ": the sampler continues from sampling.seed, not from "
-                 "'rng' (the scheduler takes no PRNG state yet)", a.rid);
     if (a.session)
         LOG_D(w, "assign rid %" PRId64 ": session '%s': its full blocks stay in the prefix cache",
               a.rid, a.session);
+    const int prefill = a.role == PROTO_ROLE_PREFILL;
+    sample_rng rb;
     sched_req q = {.id = (uint64_t)a.rid, .prompt = ctx, .n_prompt = n_ctx_tokens,
                    .sp = proto_sampling_params(&a.sampling, (uint64_t)a.sampling.seed),
-                   .max_tokens = budget, .stop_ids = a.stop_token_ids,
-                   .n_stop_ids = a.n_stop_token_ids, .ignore_eog = a.ignore_eos};
+                   .max_tokens = prefill ? 1 : budget, .stop_ids = a.stop_token_ids,
+                   .n_stop_ids = a.n_stop_token_ids, .ignore_eog = a.ignore_eos,
+                   .rng = assign_rng(w, &a, &rb), .ship_kv = prefill};
     char why[256];
-    sched_status st = sched_add(w->sched, &q, why, sizeof why);
-    if (st == SCHED_OK && live_put(w, a.rid, a.n_generated) != 0) {
-        sched_cancel(w->sched, (uint64_t)a.rid); /* its FINISHED is dropped: not in the table */
-        st = SCHED_ERR_NOMEM;
-        snprintf(why, sizeof why, "request %" PRId64 ": out of memory", a.rid);
+    if (prefill) {
+        xfer_peer *dst = calloc((size_t)a.transfer.n_peers + 1, sizeof *dst);
+        if (!dst) {
+            rc = reject(w, a.rid, xf, PROTO_ERR_INTERNAL, 1, "assign: out of memory");
+            goto out;
+        }
+        for (int i = 0; i < a.transfer.n_peers; i++)
+            dst[i] = (xfer_peer){.rank = a.transfer.peers[i].rank,
+                                 .head0 = a.transfer.peers[i].head0,
+                                 .n_heads = a.transfer.peers[i].n_heads};
+        xfer_status xs = xfer_send_begin(w->xfer, xf, (uint64_t)a.rid, dst, a.transfer.n_peers,
+                                         a.transfer.first_block, a.transfer.lease_ms, why,
+                                         sizeof why);
+        free(dst);
+        if (xs != XFER_OK) {
+            snprintf(msg, sizeof msg, "assign: %s", why);
+            rc = reject(w, a.rid, xf,
+                        xs == XFER_ERR_COMM ? PROTO_ERR_TRANSFER_FAILED
+                        : xs == XFER_ERR_NOMEM ? PROTO_ERR_INTERNAL : PROTO_ERR_BAD_REQUEST,
+                        xs != XFER_ERR_INVAL, msg);
+            goto out;
+        }
     }
-    switch (st) {
-    case SCHED_OK:
-        ST_ADD(w, assigns, 1);
-        LOG_D(w, "assign rid %" PRId64 ": %d context tokens, up to %d new", a.rid, n_ctx_tokens,
-              budget);
-        break;
-    case SCHED_ERR_TOO_LONG: /* the context check above passed: the KV pool is too small */
-        snprintf(msg, sizeof msg, "assign: %s", why);
-        rc = reject(w, a.rid, 0, PROTO_ERR_KV_FULL, 1, msg);
-        break;
-    case SCHED_ERR_NOMEM:
-        snprintf(msg, sizeof msg, "assign: %s", why);
-        rc = reject(w, a.rid, 0, PROTO_ERR_INTERNAL, 1, msg);
-        break;
-    default: /* INVAL (token ids, parameters), DUP, MODEL */
-        snprintf(msg, sizeof msg, "assign: %s", why);
-        rc = reject(w, a.rid, 0, PROTO_ERR_BAD_REQUEST, 0, msg);
-        break;
+    sched_status st;
+    admit(w, &q, &a, &st, why, sizeof why);
+    if (st != SCHED_OK) {
+        if (prefill) xfer_release(w->xfer, xf);
+        rc = reject_sched(w, a.rid, xf, st, why);
+        goto out;
     }
+    LOG_D(w, "assign rid %" PRId64 " (%s): %d context tokens, up to %d new", a.rid,
+          proto_role_name(a.role), n_ctx_tokens, prefill ? 1 : budget);
 out:
     free(ctx);
     proto_assign_free(&a);
     return rc;
 }
 
-static void on_cancel(wrk_t *w, const json_t *body)
+/* The pending decode assign of transfer xf, unlinked, or NULL. */
+static pend_assign *pend_take(wrk_t *w, int64_t xf, int64_t rid)
+{
+    for (pend_assign **p = &w->pend; *p; p = &(*p)->next)
+        if ((xf && (*p)->a.transfer.xfer == xf) || (rid && (*p)->a.rid == rid)) {
+            pend_assign *r = *p;
+            *p = r->next;
+            return r;
+        }
+    return NULL;
+}
+
+static void pend_free(pend_assign *p)
+{
+    if (!p) return;
+    proto_assign_free(&p->a);
+    free(p);
+}
+
+static int send_finished(wrk_t *w, int64_t rid, proto_finish reason, int n_generated, int cached)
+{
+    proto_finished f;
+    proto_finished_init(&f);
+    f.rid = rid;
+    f.reason = reason;
+    f.n_generated = n_generated;
+    f.cached_tokens = cached;
+    ST_ADD(w, finished, 1);
+    return send_body(w, PROTO_CMD_FINISHED, PROTO_T_FINISHED, &f, 0);
+}
+
+static int on_cancel(wrk_t *w, const json_t *body)
 {
     proto_wcancel c;
     proto_err pe;
     if (proto_wcancel_parse(body, &c, &pe) != 0) {
         ST_ADD(w, bad_msgs_in, 1);
         LOG_W(w, "malformed cancel: %s", pe.message);
-        return;
+        return 0;
     }
     ST_ADD(w, cancels, 1);
+    int rc = 0;
+    pend_assign *p = pend_take(w, 0, c.rid);
+    if (p) { /* a decode waiting for its KV */
+        xfer_release(w->xfer, p->a.transfer.xfer);
+        rc = send_finished(w, c.rid, PROTO_FINISH_CANCELLED, p->a.n_generated, 0);
+        pend_free(p);
+        proto_wcancel_free(&c);
+        return rc;
+    }
     sched_status st = sched_cancel(w->sched, (uint64_t)c.rid);
     /* Unknown: its finished or failed is already on its way (PROTOCOL.md). */
     LOG_D(w, "cancel rid %" PRId64 ": %s", c.rid, st == SCHED_OK ? "cancelled" : "not running");
     proto_wcancel_free(&c);
+    return rc;
 }
 
+/* reserve (decode side): room for a transfer's KV, receives posted. */
 static int on_reserve(wrk_t *w, const json_t *body)
 {
     proto_reserve r;
     proto_err pe;
     if (proto_reserve_parse(body, &r, &pe) != 0) {
+        const json_t *jx = json_is_object(body) ? json_object_get(body, "xfer") : NULL;
+        const json_t *jr = json_is_object(body) ? json_object_get(body, "rid") : NULL;
         ST_ADD(w, bad_msgs_in, 1);
         LOG_W(w, "malformed reserve: %s", pe.message);
+        if (json_is_integer(jx) && json_is_integer(jr) && json_integer_value(jx) >= 1 &&
+            json_integer_value(jr) >= 1)
+            return send_failed(w, (int64_t)json_integer_value(jr), (int64_t)json_integer_value(jx),
+                               PROTO_ERR_BAD_REQUEST, 0, pe.message);
         return 0;
     }
-    int rc = send_failed(w, r.rid, r.xfer, PROTO_ERR_BAD_REQUEST, 0,
-                         "reserve: this worker (role both) has no KV data plane (comm/, issue 5)");
+    char why[256];
+    int rc = 0;
+    if (w->draining || !w->comm || (w->role != PROTO_ROLE_DECODE && w->role != PROTO_ROLE_ANY)) {
+        snprintf(why, sizeof why, "reserve: worker %s %s", w->worker_id,
+                 w->draining ? "is stopping" : "does not receive KV (its role is not decode)");
+        rc = send_failed(w, r.rid, r.xfer, w->draining ? PROTO_ERR_INTERNAL : PROTO_ERR_BAD_REQUEST,
+                         w->draining, why);
+        goto out;
+    }
+    xfer_peer *src = calloc((size_t)r.n_src + 1, sizeof *src);
+    if (!src) {
+        rc = send_failed(w, r.rid, r.xfer, PROTO_ERR_INTERNAL, 1, "reserve: out of memory");
+        goto out;
+    }
+    for (int i = 0; i < r.n_src; i++)
+        src[i] = (xfer_peer){.rank = r.src[i].rank, .head0 = r.src[i].head0,
+                             .n_heads = r.src[i].n_heads};
+    int cached = 0;
+    int lease = r.lease_ms;
+    xfer_status xs = xfer_reserve(w->xfer, r.xfer, (uint64_t)r.rid, r.tokens, r.n_tokens, src,
+                                  r.n_src, now_ms() + lease, &cached, why, sizeof why);
+    free(src);
+    if (xs != XFER_OK) {
+        LOG_I(w, "%s", why);
+        rc = send_failed(w, r.rid, r.xfer,
+                         xs == XFER_ERR_FULL ? PROTO_ERR_KV_FULL
+                         : xs == XFER_ERR_INVAL ? PROTO_ERR_BAD_REQUEST
+                         : xs == XFER_ERR_COMM ? PROTO_ERR_TRANSFER_FAILED : PROTO_ERR_INTERNAL,
+                         xs != XFER_ERR_INVAL, why);
+        goto out;
+    }
+    proto_reserved ok;
+    proto_reserved_init(&ok);
+    ok.xfer = r.xfer;
+    ok.rid = r.rid;
+    ok.cached_tokens = cached;
+    ok.lease_ms = lease;
+    LOG_D(w, "reserved transfer %" PRId64 " (rid %" PRId64 "): %d tokens, %d cached", r.xfer, r.rid,
+          r.n_tokens, cached);
+    rc = send_body(w, PROTO_CMD_RESERVED, PROTO_T_RESERVED, &ok, 0);
+out:
     proto_reserve_free(&r);
     return rc;
+}
+
+/* release: drop a transfer (either side). */
+static void on_release(wrk_t *w, const json_t *body)
+{
+    proto_xfer_ref x;
+    proto_err pe;
+    if (proto_parse(PROTO_T_RELEASE, body, &x, &pe) != 0) {
+        ST_ADD(w, bad_msgs_in, 1);
+        LOG_W(w, "malformed release: %s", pe.message);
+        return;
+    }
+    pend_free(pend_take(w, x.xfer, 0)); /* abandoned by duetd: it expects nothing more */
+    xfer_release(w->xfer, x.xfer);
+    LOG_D(w, "release transfer %" PRId64 " (rid %" PRId64 ")", x.xfer, x.rid);
+    proto_free(PROTO_T_RELEASE, &x);
+}
+
+/* comm_init (tcp): the endpoints of the live ranks. */
+static void on_comm_init(wrk_t *w, const json_t *body)
+{
+    proto_comm_init ci;
+    proto_err pe;
+    if (proto_comm_init_parse(body, &ci, &pe) != 0) {
+        ST_ADD(w, bad_msgs_in, 1);
+        LOG_W(w, "malformed comm_init: %s", pe.message);
+        return;
+    }
+    if (!w->comm || comm_backend_of(w->comm) != COMM_BACKEND_TCP || ci.backend != PROTO_BACKEND_TCP) {
+        LOG_D(w, "comm_init (backend %d) ignored: %s", (int)ci.backend,
+              w->comm ? "this worker's data plane is not tcp" : "this worker has no data plane");
+        proto_comm_init_free(&ci);
+        return;
+    }
+    const char **eps = calloc((size_t)ci.world_size + 1, sizeof *eps);
+    if (!eps) {
+        LOG_E(w, "comm_init: out of memory");
+        proto_comm_init_free(&ci);
+        return;
+    }
+    for (int i = 0; i < ci.n_peers; i++)
+        if (ci.peers[i].rank >= 0 && ci.peers[i].rank < ci.world_size)
+            eps[ci.peers[i].rank] = ci.peers[i].endpoint;
+    comm_status cs = comm_tcp_set_world(w->comm, ci.rank, ci.world_size, eps);
+    if (cs != COMM_OK)
+        LOG_E(w, "comm_init: %s: %s", comm_strerror(cs), comm_last_error(w->comm));
+    else
+        LOG_D(w, "data plane: rank %d of %d, %d live peers", ci.rank, ci.world_size, ci.n_peers);
+    free(eps);
+    proto_comm_init_free(&ci);
 }
 
 /* One message from duetd. Returns PH_OK, PH_RETRY (connection lost or re-registration
@@ -1266,14 +1617,10 @@ static phase_rc on_message(wrk_t *w, proto_msg *m, char *err, size_t errlen)
         return PH_OK;
     }
     case PROTO_CMD_ASSIGN: return on_assign(w, m->body) == 0 ? PH_OK : PH_RETRY;
-    case PROTO_CMD_CANCEL: on_cancel(w, m->body); return PH_OK;
+    case PROTO_CMD_CANCEL: return on_cancel(w, m->body) == 0 ? PH_OK : PH_RETRY;
     case PROTO_CMD_RESERVE: return on_reserve(w, m->body) == 0 ? PH_OK : PH_RETRY;
-    case PROTO_CMD_RELEASE:
-        LOG_D(w, "release ignored: this worker holds no transfers");
-        return PH_OK;
-    case PROTO_CMD_COMM_INIT:
-        LOG_D(w, "comm_init ignored: a group of tp_size 1 with role both needs no data plane");
-        return PH_OK;
+    case PROTO_CMD_RELEASE: on_release(w, m->body); return PH_OK;
+    case PROTO_CMD_COMM_INIT: on_comm_init(w, m->body); return PH_OK;
     case PROTO_CMD_REGISTERED:
         LOG_W(w, "registered while already registered: ignored");
         return PH_OK;
@@ -1297,6 +1644,79 @@ static phase_rc on_message(wrk_t *w, proto_msg *m, char *err, size_t errlen)
     }
 }
 
+/* kv_ready for a prefill whose first token is out and whose sends all completed; the
+ * request is done here. */
+static int send_kv_ready(wrk_t *w, live_req *lr)
+{
+    proto_kv_ready k;
+    proto_kv_ready_init(&k);
+    char hex[65];
+    sample_rng_to_hex(&lr->rng, hex);
+    k.xfer = lr->xfer;
+    k.rid = lr->rid;
+    k.n_tokens = lr->n_tokens;
+    k.cached_tokens = lr->n_cached < lr->n_tokens ? lr->n_cached : lr->n_tokens;
+    k.rng = hex;
+    k.bytes = lr->bytes;
+    k.send_ms = lr->send_ms;
+    LOG_D(w, "kv_ready transfer %" PRId64 " (rid %" PRId64 "): %d tokens, %" PRId64 " bytes in "
+          "%.2f ms", lr->xfer, lr->rid, lr->n_tokens, lr->bytes, lr->send_ms);
+    live_del(w, lr);
+    return send_body(w, PROTO_CMD_KV_READY, PROTO_T_KV_READY, &k, 0);
+}
+
+/* The transfer engine's events: kv_ack, kv_ready, failures. -1 when the connection is lost. */
+static int xfer_events(wrk_t *w)
+{
+    xfer_event ev;
+    while (xfer_next_event(w->xfer, &ev)) {
+        const int64_t rid = (int64_t)ev.rid;
+        live_req *lr = live_find(w, rid);
+        const int prefill = lr && lr->role == PROTO_ROLE_PREFILL && lr->xfer == ev.xfer;
+        switch (ev.type) {
+        case XFER_EV_RECEIVED: {
+            proto_xfer_ref k = {.xfer = ev.xfer, .rid = rid};
+            LOG_D(w, "transfer %" PRId64 " (rid %" PRId64 "): all KV here (%zu bytes, %.2f ms)",
+                  ev.xfer, rid, ev.bytes, ev.ms);
+            if (send_body(w, PROTO_CMD_KV_ACK, PROTO_T_KV_ACK, &k, 0) != 0) return -1;
+            pend_assign *p = pend_take(w, ev.xfer, 0);
+            if (p) {
+                int rc = start_decode(w, &p->a);
+                pend_free(p);
+                if (rc != 0) return -1;
+            }
+            break;
+        }
+        case XFER_EV_SENT:
+            if (!prefill) break;
+            lr->sent = 1;
+            lr->bytes = (int64_t)ev.bytes;
+            lr->send_ms = ev.ms;
+            lr->n_tokens = ev.n_tokens;
+            if (lr->done && send_kv_ready(w, lr) != 0) return -1;
+            break;
+        case XFER_EV_FAILED:
+        case XFER_EV_EXPIRED: {
+            const proto_code code =
+                ev.type == XFER_EV_EXPIRED ? PROTO_ERR_LEASE_EXPIRED : PROTO_ERR_TRANSFER_FAILED;
+            LOG_W(w, "%s", ev.msg);
+            if (prefill) {
+                lr->xfailed = 1;
+                if (lr->done)
+                    live_del(w, lr);
+                else
+                    sched_cancel(w->sched, (uint64_t)rid);
+            } else {
+                pend_free(pend_take(w, ev.xfer, 0));
+            }
+            if (send_failed(w, rid, ev.xfer, code, 1, ev.msg) != 0) return -1;
+            break;
+        }
+        }
+    }
+    return 0;
+}
+
 /* Send one delivery of scheduler events: their tokens (merged per request, at most
  * PROTO_MAX_EVENTS per message), then finished/failed. -1 when the connection is lost. */
 static int send_events(wrk_t *w, const sched_event *ev, int n_ev)
@@ -1307,7 +1727,8 @@ static int send_events(wrk_t *w, const sched_event *ev, int n_ev)
         const sched_event *e = &ev[i];
         if (e->type != SCHED_EV_TOKEN) continue;
         live_req *lr = live_find(w, (int64_t)e->id);
-        if (!lr) continue; /* dropped (out of memory at assign) */
+        if (!lr || lr->xfailed) continue; /* dropped (out of memory at assign), or failed */
+        if (lr->role == PROTO_ROLE_PREFILL) lr->rng = e->rng;
         int index = lr->gen0 + e->index;
         proto_token_event *last = n_tev ? &w->tev[n_tev - 1] : NULL;
         if (last && last->rid == lr->rid && last->index + last->n_ids == index &&
@@ -1337,6 +1758,27 @@ static int send_events(wrk_t *w, const sched_event *ev, int n_ev)
         if (!lr) continue;
         int64_t rid = lr->rid;
         int gen0 = lr->gen0;
+        if (lr->xfailed) { /* its failed went out with the transfer's */
+            live_del(w, lr);
+            continue;
+        }
+        if (lr->role == PROTO_ROLE_PREFILL && !(e->type == SCHED_EV_FINISHED &&
+                                                e->reason == SCHED_FINISH_CANCELLED)) {
+            if (e->type == SCHED_EV_FAILED) {
+                int64_t xf = lr->xfer;
+                live_del(w, lr);
+                xfer_release(w->xfer, xf);
+                LOG_W(w, "rid %" PRId64 " failed: %s", rid, e->msg);
+                if (send_failed(w, rid, xf, PROTO_ERR_INTERNAL, 1, e->msg) != 0) return -1;
+                continue;
+            }
+            /* the first token is out: kv_ready follows once every send completed */
+            lr->done = 1;
+            lr->n_cached = e->usage.n_cached > 0 ? e->usage.n_cached : 0;
+            if (lr->sent && send_kv_ready(w, lr) != 0) return -1;
+            continue;
+        }
+        if (lr->role == PROTO_ROLE_PREFILL) xfer_release(w->xfer, lr->xfer);
         live_del(w, lr);
         if (e->type == SCHED_EV_FINISHED) {
             proto_finished f;
@@ -1365,6 +1807,12 @@ static void drop_all(wrk_t *w)
         if (w->live[i].rid) sched_cancel(w->sched, (uint64_t)w->live[i].rid);
     memset(w->live, 0, (size_t)w->live_cap * sizeof *w->live);
     w->n_live = 0;
+    while (w->pend) {
+        pend_assign *p = w->pend;
+        w->pend = p->next;
+        pend_free(p);
+    }
+    xfer_clear(w->xfer);
     for (int k = 0; k < WRK_DROP_MAX_STEPS && sched_busy(w->sched); k++) {
         int n_ev = 0;
         if (sched_step(w->sched, w->ev, w->ev_cap, &n_ev) != SCHED_OK) break;
@@ -1382,7 +1830,13 @@ static void fail_all(wrk_t *w)
         char msg[128];
         snprintf(msg, sizeof msg, "worker %s is stopping: request %" PRId64 " not finished here",
                  w->worker_id, w->live[i].rid);
-        lost = send_failed(w, w->live[i].rid, 0, PROTO_ERR_INTERNAL, 1, msg) != 0;
+        lost = send_failed(w, w->live[i].rid, w->live[i].xfer, PROTO_ERR_INTERNAL, 1, msg) != 0;
+    }
+    for (pend_assign *p = w->pend; p && !lost; p = p->next) {
+        char msg[128];
+        snprintf(msg, sizeof msg, "worker %s is stopping: request %" PRId64 " not finished here",
+                 w->worker_id, p->a.rid);
+        lost = send_failed(w, p->a.rid, p->a.transfer.xfer, PROTO_ERR_INTERNAL, 1, msg) != 0;
     }
     drop_all(w);
 }
@@ -1401,6 +1855,7 @@ static phase_rc serve(wrk_t *w, char *err, size_t errlen)
         if (w->last_recv + dead_ms < due) due = w->last_recv + dead_ms;
         if (w->draining && w->drain_until < due) due = w->drain_until;
         int64_t timeout = sched_busy(w->sched) ? 0 : due - now;
+        if (xfer_busy(w->xfer) && timeout > WRK_XFER_POLL_MS) timeout = WRK_XFER_POLL_MS;
         int rev = wait_io(w, ZMQ_POLLIN, timeout);
         if (stop_now(w)) return PH_STOP;
         if (rev & ZMQ_POLLIN) {
@@ -1434,6 +1889,10 @@ static phase_rc serve(wrk_t *w, char *err, size_t errlen)
                   w->dead_after, w->hb_ms, w->n_live);
             return PH_RETRY;
         }
+        if (w->comm) {
+            xfer_poll(w->xfer, now_ms());
+            if (xfer_events(w) != 0) return PH_RETRY;
+        }
         if (sched_busy(w->sched)) {
             int n_ev = 0;
             sched_status st = sched_step(w->sched, w->ev, w->ev_cap, &n_ev);
@@ -1444,6 +1903,10 @@ static phase_rc serve(wrk_t *w, char *err, size_t errlen)
                 return PH_FATAL;
             }
             if (n_ev && send_events(w, w->ev, n_ev) != 0) return PH_RETRY;
+            if (w->comm) {
+                xfer_poll(w->xfer, now_ms());
+                if (xfer_events(w) != 0) return PH_RETRY;
+            }
         }
         refresh_stats(w);
         if (now_ms() - w->last_hb >= w->hb_ms && send_heartbeat(w) != 0) return PH_RETRY;

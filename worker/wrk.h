@@ -3,13 +3,20 @@
  * (docs/PROTOCOL.md, section 4). worker/worker_main.c is only its command line.
  *
  * Life of a worker:
- *   wrk_new      loads the model (tp_size 1 only: TP needs comm/, issue 5), makes the KV
- *                cache and the scheduler, hashes the GGUF file (SHA-256);
+ *   wrk_new      loads the model (tp_size 1 only: TP across worker processes is not
+ *                wired yet), makes the KV cache and the scheduler, hashes the GGUF file
+ *                (SHA-256), and opens the data plane (comm/) of a prefill or decode worker:
+ *                tcp binds data_endpoint, mpi joins MPI_COMM_WORLD (under mpirun);
  *   wrk_run      the event loop, on the calling thread (the forward pass adds the
  *                scheduler's compute pool). It connects to duetd and sends `register`
  *                (the file's hash, KV layout, place, device, capacity); it is ready only
- *                after `registered`. It then serves `assign` (role both), `cancel` and
- *                `heartbeat`, runs one sched_step per turn while there is work, and
+ *                after `registered`. It then serves `assign`, `cancel`, `heartbeat`, and
+ *                for the disaggregated roles `reserve`, `release` and `comm_init`
+ *                (PROTOCOL.md's transfer handshake: a prefill worker ships each layer's KV
+ *                from the scheduler's layer hook as the final chunk's forward pass stores
+ *                it, then sends kv_ready; a decode worker receives into reserved blocks,
+ *                sends kv_ack, and starts the request when its decode assign is here too;
+ *                worker/xfer.h), runs one sched_step per turn while there is work, and
  *                sends each step's tokens as one `tokens` message, then `finished` or
  *                `failed` for the requests that ended. It sends a `heartbeat` with its
  *                load (running, waiting, free and cached KV blocks) every heartbeat_ms.
@@ -78,7 +85,7 @@ typedef struct {
     const char *worker_id;    /* NULL: "HOST-GROUP-TPRANK" (GROUP "cpu" without a config) */
     const char *group_name;   /* [group NAME] this worker belongs to, for ids and logs, or NULL */
     int group;                /* group id sent in register; -1: duetd assigns [-1] */
-    proto_role role;          /* PROTO_ROLE_BOTH (the only one without comm/) [both] */
+    proto_role role;          /* both, prefill or decode (these two open the data plane) [both] */
     int tp_rank, tp_size;     /* place in the group; tp_size > 1 is refused for now [0, 1] */
     int n_threads;            /* forward-pass threads; 0: one per online core [0] */
     int64_t kv_budget;        /* bytes of KV cache [256 MiB] */
@@ -87,9 +94,9 @@ typedef struct {
     int max_seqs;             /* sequences running at once (register's max_batch) [64] */
     int n_ctx;                /* per-request limit, prompt + max_tokens; 0: the model's
                                  trained context [0] */
-    proto_backend backend;    /* data plane reported in register [tcp] */
+    proto_backend backend;    /* data plane: tcp or mpi (nccl needs a GPU worker) [tcp] */
     const char *data_endpoint; /* tcp: base data endpoint (port + tp_rank); NULL or "":
-                                  "tcp://127.0.0.1:0" (no data plane before comm/) [NULL] */
+                                  "tcp://127.0.0.1:0", a free port [NULL] */
     int heartbeat_ms;         /* until `registered` gives its own: ZMTP heartbeats and the
                                  wait for an answer to register [1000] */
     int dead_after;           /* until `registered`: intervals without an answer before
@@ -117,7 +124,7 @@ void wrk_config_default(wrk_config *c);
  * (the section's index in file order), duetd's worker_endpoint, heartbeat_ms,
  * dead_after and log_level. Strings point into dc. WRK_ERR_CONFIG with a message
  * naming the file and group for an unknown group, a tp_rank outside [0, tp_size), a
- * cuda device, a role other than both, or tp_size > 1. */
+ * cuda device, transport nccl, or tp_size > 1. */
 wrk_status wrk_config_from_file(const duet_config *dc, const char *group_name, int tp_rank,
                                 wrk_config *c, char *err, size_t errlen);
 
@@ -172,6 +179,11 @@ typedef struct {
     int running, waiting;    /* the scheduler's */
     int kv_blocks_total, kv_blocks_used, kv_blocks_free, kv_blocks_cached; /* cached: unreferenced
                                                                             prefix-cache blocks */
+    int64_t xfers_sent, xfers_received;   /* KV transfers completed (prefill, decode side) */
+    int64_t xfers_failed, xfers_expired;  /* broken, or lease run out */
+    int64_t xfer_bytes_sent, xfer_bytes_received; /* KV payload */
+    int xfers_in_flight;                  /* transfers held now */
+    int kv_blocks_reserved;               /* KV blocks held by receptions now */
 } wrk_stats;
 
 /* Copy the snapshot (thread-safe). */
