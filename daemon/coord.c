@@ -400,6 +400,8 @@ static void req_done(coord_t *c, creq *r, proto_finish reason)
         d.n_token_ids = r->n_gen;
     }
     int cached = r->cached_tokens >= 0 ? r->cached_tokens : r->predicted_cached;
+    if (r->got_kv_ready) cached = r->p_cached; /* the prefill group's prefix cache */
+    if (reason != PROTO_FINISH_CANCELLED) coord_xfer_account(c, r);
     if (cached > r->n_prompt) cached = r->n_prompt;
     if (cached < 0) cached = 0;
     d.usage.prompt_tokens = r->n_prompt;
@@ -866,6 +868,7 @@ static void on_generate(coord_t *c, cclient *cl, const json_t *body)
     r->ignore_eos = g.ignore_eos;
     r->stream = g.stream;
     r->group = -1;
+    r->pgroup = -1;
     r->avoid_group = -1;
     r->cached_tokens = -1;
     r->t_recv = coord_now_ms();

@@ -65,6 +65,14 @@ void cpfx_free(cpfx *p);
 /* ---- the coordinator's tables ----------------------------------------------------------- */
 
 typedef struct creq creq;
+
+/* Where a disaggregated request's transfer stands. */
+typedef enum {
+    XS_NONE = 0,       /* colocated, or not placed */
+    XS_RESERVING = 1,  /* reserve sent to D, waiting for reserved */
+    XS_PREFILLING = 2, /* assign prefill sent to P */
+    XS_DECODING = 3,   /* assign decode sent to D (after kv_ready) */
+} coord_xstate;
 typedef struct cclient cclient;
 typedef struct cworker cworker;
 
@@ -135,6 +143,18 @@ struct creq {
     uint64_t *phash;             /* [n_phash] prompt block hashes (computed at routing) */
     int n_phash;
     double t_recv, t_assign, t_first, t_last;
+
+    /* disaggregated: prefill group P (below) and decode group D (group, leader above,
+     * from the reservation on); daemon/coord_xfer.c */
+    int pgroup;                  /* P, or -1 */
+    cworker *pleader;            /* P's leader while it holds the request */
+    creq *pprev, *pnext;         /* P's list */
+    coord_xstate xstate;
+    int64_t xfer;                /* the current transfer (0: none) */
+    int got_kv_ready, got_kv_ack;
+    char rng[65];                /* the sampler state from kv_ready ("" none) */
+    int p_cached;                /* kv_ready.cached_tokens */
+    double t_reserve, t_pre_assign, t_kv_ready, t_kv_ack;
 };
 
 /* A registered worker (live or dead). */
@@ -148,6 +168,7 @@ struct cworker {
     int64_t capacity;            /* KV blocks of its pool */
     proto_backend backend;
     char *endpoint;              /* data plane (tcp), or NULL */
+    int head0, n_heads;          /* its KV heads */
     int max_batch;
     int alive;
     double last_seen, last_sent, t_registered, t_dead, load_at;
@@ -170,6 +191,13 @@ typedef struct {
     cpfx pidx;                   /* prefix blocks sent to it */
     int ready;                   /* every rank alive */
     int failover;                /* a rank died: its requests wait for coord_failover */
+    creq *phead, *ptail;         /* prefill group: requests it prefills */
+    int n_prefill;
+    /* transfer and time statistics of the disaggregated requests it took part in */
+    int64_t x_count, x_bytes;    /* transfers it sent (P) or received (D), KV payload bytes */
+    double x_ms;                 /* P: summed send time (first layer to last completion) */
+    int64_t sh_n;                /* requests finished whose time is split below */
+    double sh_queue, sh_prefill, sh_transfer, sh_decode; /* summed ms */
 } cgroup;
 
 /* A session: the group that holds its KV, and its request in flight. */
@@ -216,6 +244,8 @@ struct coord {
     dtype_t kv_dtype;
     char *nccl_id;               /* from comm_id, or NULL */
     int failover_pending;        /* some group has failover set */
+    int64_t next_xfer;           /* transfer ids */
+    int64_t *pair_seq;           /* [n_groups * n_groups] next seq from group P to group D */
     int comm_changed;            /* the live TCP ranks changed: send comm_init */
     double t_groups_down;        /* when the last ready group went down, or 0 */
 
@@ -234,6 +264,8 @@ struct coord {
     /* statistics */
     int64_t st_served, st_failed, st_cancelled, st_retried;
     int64_t st_prompt_tokens, st_cached_tokens;
+    int64_t st_x_done, st_x_failed, st_x_bytes;
+    double st_x_ms_sum, st_x_ms_max; /* reserve to kv_ack */
 
     /* loop */
     coord_phase phase;
@@ -297,6 +329,40 @@ void coord_req_detach(coord_t *c, creq *r, int send_cancel);
 /* A group that could serve r now (ready, role both, room), or NULL; *any_ready says
  * whether some group of role both is ready at all. */
 cgroup *coord_pick_group(coord_t *c, creq *r, int *any_ready);
+/* KV blocks of a context of n tokens. */
+int coord_blocks_of(const coord_t *c, int64_t tokens);
+/* A group's KV capacity (its smallest rank's), and what it can still give. */
+int64_t coord_group_capacity(const cgroup *g);
+int coord_group_fits(const coord_t *c, const cgroup *g, int need, double now);
+int64_t coord_group_avail(const coord_t *c, const cgroup *g, double now);
+/* Retry r elsewhere (detached) or fail it; avoid: a group to avoid, or -1. */
+void coord_req_retry(coord_t *c, creq *r, int avoid, const char *why);
+
+/* ---- coord_xfer.c: disaggregated requests ------------------------------------------------ */
+
+/* A prefill group and a decode group for r, or 0 (none ready with room). */
+int coord_pick_pair(coord_t *c, creq *r, cgroup **p, cgroup **d);
+/* Start r (QUEUED, unlinked) on P and D: reserve on D. 0, or -1 (r is back in the queue). */
+int coord_reserve(coord_t *c, creq *r, cgroup *p, cgroup *d);
+/* Undo r's transfer state: P dropped (cancel or release), D's reservation released when
+ * the decode assign was not sent yet. */
+void coord_xfer_detach(coord_t *c, creq *r);
+/* reserved, kv_ready, kv_ack from w. */
+void coord_on_reserved(coord_t *c, cworker *w, const proto_reserved *m);
+void coord_on_kv_ready(coord_t *c, cworker *w, const proto_kv_ready *m);
+void coord_on_kv_ack(coord_t *c, cworker *w, const proto_xfer_ref *m);
+/* A `failed` naming a transfer or a request held by w as P or D: 1 when handled. */
+int coord_xfer_failed(coord_t *c, cworker *w, const proto_failed *f);
+/* After tokens from P: end r when its first token ends it. */
+void coord_xfer_tokens(coord_t *c, creq *r);
+/* Retry the requests that group g was prefilling (g lost a rank). */
+void coord_xfer_failover(coord_t *c, cgroup *g);
+/* r ended normally: account its time split. */
+void coord_xfer_account(coord_t *c, creq *r);
+/* Ready serving units: groups of role both, plus one when a prefill and a decode group are
+ * ready. */
+int coord_units_ready(const coord_t *c);
+
 /* Ready groups of role both. */
 int coord_groups_ready(const coord_t *c);
 /* Largest KV capacity (blocks) of a ready group; 0 when none. */

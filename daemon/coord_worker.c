@@ -30,7 +30,7 @@ static int route_eq(const proto_route *a, const proto_route *b)
     return 1;
 }
 
-static int blocks_of(const coord_t *c, int64_t tokens)
+int coord_blocks_of(const coord_t *c, int64_t tokens)
 {
     int bt = c->block_tokens > 0 ? c->block_tokens : 16;
     return (int)((tokens + bt - 1) / bt);
@@ -57,6 +57,9 @@ int coord_groups_init(coord_t *c, char *err, size_t errlen)
         g->pidx.limit = PFX_MIN;
     }
     c->world_size = rank;
+    c->next_xfer = 1;
+    c->pair_seq = calloc((size_t)c->n_groups * (size_t)c->n_groups + 1, sizeof *c->pair_seq);
+    if (!c->pair_seq) goto oom;
     return 0;
 oom:
     snprintf(err, errlen, "coord: out of memory building the groups");
@@ -83,11 +86,13 @@ void coord_workers_free(coord_t *c)
     }
     free(c->groups);
     c->groups = NULL;
+    free(c->pair_seq);
+    c->pair_seq = NULL;
     free(c->nccl_id);
     c->nccl_id = NULL;
 }
 
-static int64_t group_capacity(const cgroup *g)
+int64_t coord_group_capacity(const cgroup *g)
 {
     int64_t cap = -1;
     for (int r = 0; r < g->tp_size; r++)
@@ -101,25 +106,21 @@ static void group_update(coord_t *c, cgroup *g)
     for (int r = 0; r < g->tp_size; r++) ready &= g->ranks[r] != NULL && g->ranks[r]->alive;
     g->ready = ready;
     if (ready) {
-        int64_t lim = 4 * group_capacity(g);
+        int64_t lim = 4 * coord_group_capacity(g);
         g->pidx.limit = (size_t)(lim < PFX_MIN ? PFX_MIN : lim > PFX_MAX ? PFX_MAX : lim);
     }
     (void)c;
 }
 
-int coord_groups_ready(const coord_t *c)
-{
-    int n = 0;
-    for (int i = 0; i < c->n_groups; i++) n += c->groups[i].ready && c->groups[i].role == PROTO_ROLE_BOTH;
-    return n;
-}
+int coord_groups_ready(const coord_t *c) { return coord_units_ready(c); }
 
 int64_t coord_max_capacity(const coord_t *c)
 {
     int64_t best = 0;
     for (int i = 0; i < c->n_groups; i++) {
         const cgroup *g = &c->groups[i];
-        if (g->ready && g->role == PROTO_ROLE_BOTH && group_capacity(g) > best) best = group_capacity(g);
+        if (g->ready && g->role != PROTO_ROLE_PREFILL && coord_group_capacity(g) > best)
+            best = coord_group_capacity(g);
     }
     return best;
 }
@@ -127,10 +128,10 @@ int64_t coord_max_capacity(const coord_t *c)
 /* KV blocks the group can still give, as far as duetd knows: its capacity less the
  * contexts of its requests, and no more than its leader's last heartbeat says is free
  * (less the prompts sent since) while that heartbeat is fresh. */
-static int64_t group_avail(const coord_t *c, const cgroup *g, double now)
+int64_t coord_group_avail(const coord_t *c, const cgroup *g, double now)
 {
-    int64_t cap = group_capacity(g), used = 0;
-    for (const creq *r = g->head; r; r = r->lnext) used += blocks_of(c, (int64_t)r->n_prompt + r->n_gen + 1);
+    int64_t cap = coord_group_capacity(g), used = 0;
+    for (const creq *r = g->head; r; r = r->lnext) used += coord_blocks_of(c, (int64_t)r->n_prompt + r->n_gen + 1);
     int64_t avail = cap - used;
     const cworker *l = g->ranks[0];
     if (l && l->has_load && l->load.kv_free_blocks >= 0 &&
@@ -142,11 +143,11 @@ static int64_t group_avail(const coord_t *c, const cgroup *g, double now)
     return avail;
 }
 
-static int group_fits(const coord_t *c, const cgroup *g, int need, double now)
+int coord_group_fits(const coord_t *c, const cgroup *g, int need, double now)
 {
     if (g->n_running >= g->cfg->max_seqs) return 0;
-    if (g->n_running == 0) return need <= group_capacity(g);
-    return need <= group_avail(c, g, now);
+    if (g->n_running == 0) return need <= coord_group_capacity(g);
+    return need <= coord_group_avail(c, g, now);
 }
 
 /* ---- sessions ----------------------------------------------------------------------------- */
@@ -340,6 +341,9 @@ static void send_comm_nccl(coord_t *c)
 
 void coord_req_detach(coord_t *c, creq *r, int send_cancel)
 {
+    /* a D that got no decode assign yet knows the transfer, not the request: release it */
+    if (r->xstate == XS_RESERVING || r->xstate == XS_PREFILLING) send_cancel = 0;
+    coord_xfer_detach(c, r);
     if (r->listed != 2) return;
     cgroup *g = &c->groups[r->group];
     if (r->lprev) r->lprev->lnext = r->lnext;
@@ -359,7 +363,7 @@ void coord_req_detach(coord_t *c, creq *r, int send_cancel)
 }
 
 /* r (detached, still running) could not go on where it was: run it elsewhere or fail it. */
-static void req_retry(coord_t *c, creq *r, int avoid, const char *why)
+void coord_req_retry(coord_t *c, creq *r, int avoid, const char *why)
 {
     if (r->ended_by_token) {
         coord_req_finished(c, r, r->ended_by_token == 1 ? PROTO_FINISH_EOS : PROTO_FINISH_STOP, -1);
@@ -400,8 +404,9 @@ void coord_failover(coord_t *c)
         while (g->head) {
             creq *r = g->head;
             coord_req_detach(c, r, 1); /* a live leader drops it */
-            req_retry(c, r, g->id, why);
+            coord_req_retry(c, r, g->id, why);
         }
+        coord_xfer_failover(c, g);
     }
     if (pending && coord_groups_ready(c) == 0 && c->t_groups_down <= 0) c->t_groups_down = coord_now_ms();
     if (c->comm_changed) send_comm_tcp(c);
@@ -416,7 +421,7 @@ cgroup *coord_pick_group(coord_t *c, creq *r, int *any_ready)
         r->phash = malloc((size_t)nb * sizeof *r->phash);
         if (r->phash) r->n_phash = coord_block_hashes(r->prompt, r->n_prompt, bt, r->phash, nb);
     }
-    int need = blocks_of(c, (int64_t)r->n_prompt + r->n_gen + 1);
+    int need = coord_blocks_of(c, (int64_t)r->n_prompt + r->n_gen + 1);
     double now = coord_now_ms();
     int n_ready = 0, n_other = 0;
     for (int i = 0; i < c->n_groups; i++) {
@@ -431,7 +436,7 @@ cgroup *coord_pick_group(coord_t *c, creq *r, int *any_ready)
     int best_match = -1, best_load = 0;
     for (int i = 0; i < c->n_groups; i++) {
         cgroup *g = &c->groups[i];
-        if (!g->ready || g->role != PROTO_ROLE_BOTH || !group_fits(c, g, need, now)) continue;
+        if (!g->ready || g->role != PROTO_ROLE_BOTH || !coord_group_fits(c, g, need, now)) continue;
         if (g->id == r->avoid_group && n_other > 0) continue;
         if (s && s->group == g->id) return g; /* the session's KV is there */
         int match = cpfx_match(&g->pidx, r->phash, r->n_phash);
@@ -485,7 +490,7 @@ int coord_assign(coord_t *c, creq *r, cgroup *g)
     int most = ((r->n_prompt - 1) / bt) * bt; /* the last prompt token is always computed */
     r->predicted_cached = match < most ? match : most;
     cpfx_add(&g->pidx, r->phash, r->n_phash);
-    leader->blocks_since_load += blocks_of(c, (int64_t)r->n_prompt + r->n_gen);
+    leader->blocks_since_load += coord_blocks_of(c, (int64_t)r->n_prompt + r->n_gen);
     CDEBUG(c, "request %s (rid %lld) -> group %d (%s), %d cached prompt tokens expected", r->id,
            (long long)r->rid, g->id, g->cfg->name, r->predicted_cached);
     return 0;
@@ -497,10 +502,16 @@ void coord_schedule(coord_t *c)
     while (c->q_head) {
         creq *r = c->q_head;
         int any;
-        cgroup *g = coord_pick_group(c, r, &any);
-        if (!g) break;
-        coord_queue_remove(c, r);
-        coord_assign(c, r, g); /* on failure the leader is dead: the next pick differs */
+        cgroup *g = coord_pick_group(c, r, &any), *pg = NULL, *dg = NULL;
+        if (g) {
+            coord_queue_remove(c, r);
+            coord_assign(c, r, g); /* on failure the leader is dead: the next pick differs */
+        } else if (coord_pick_pair(c, r, &pg, &dg)) {
+            coord_queue_remove(c, r);
+            coord_reserve(c, r, pg, dg); /* likewise */
+        } else {
+            break;
+        }
     }
     coord_failover(c);
 }
@@ -675,6 +686,8 @@ static void on_register(coord_t *c, proto_msg *msg, int fd)
     else
         snprintf(w->device, sizeof w->device, "cpu");
     w->capacity = reg.kv.capacity_blocks;
+    w->head0 = reg.kv.head0;
+    w->n_heads = reg.kv.n_heads;
     w->backend = reg.backend;
     w->max_batch = reg.max_batch;
     w->alive = 1;
@@ -721,11 +734,13 @@ out:
 static creq *req_of(coord_t *c, int64_t rid, const cworker *w)
 {
     creq *r = cmap_find(&c->reqs, (uint64_t)rid, NULL, NULL);
+    if (r && r->pleader == w && r->pgroup >= 0) return r; /* its prefill group */
     return r && r->leader == w && r->listed == 2 ? r : NULL;
 }
 
 static void on_failed(coord_t *c, cworker *w, const proto_failed *f)
 {
+    if (coord_xfer_failed(c, w, f)) return;
     creq *r = f->rid > 0 ? req_of(c, f->rid, w) : NULL;
     if (!r) {
         CDEBUG(c, "worker %s: failed for rid %lld (not running there): %s", wname(w), (long long)f->rid,
@@ -737,7 +752,7 @@ static void on_failed(coord_t *c, cworker *w, const proto_failed *f)
     char why[PROTO_MAX_TEXT];
     snprintf(why, sizeof why, "worker %s failed it: %s: %s", wname(w), proto_code_name(f->code),
              f->message ? f->message : "");
-    if (f->retryable) req_retry(c, r, gid, why);
+    if (f->retryable) coord_req_retry(c, r, gid, why);
     else coord_req_fail(c, r, PROTO_ERR_INTERNAL, "%s", why);
 }
 
@@ -777,7 +792,10 @@ void coord_worker_msg(coord_t *c, proto_msg *msg, int fd)
         for (int i = 0; i < m.n_events; i++) {
             const proto_token_event *e = &m.events[i];
             creq *r = req_of(c, e->rid, w);
-            if (r) coord_req_tokens(c, r, e->index, e->ids, e->n_ids);
+            if (!r) continue;
+            int from_p = r->pleader == w && r->pgroup >= 0;
+            coord_req_tokens(c, r, e->index, e->ids, e->n_ids);
+            if (from_p) coord_xfer_tokens(c, r);
         }
         proto_tokens_free(&m);
         return;
@@ -823,13 +841,27 @@ void coord_worker_msg(coord_t *c, proto_msg *msg, int fd)
         proto_error_free(&m);
         return;
     }
-    case PROTO_CMD_RESERVED:
-    case PROTO_CMD_KV_READY:
-    case PROTO_CMD_KV_ACK:
-        send_worker_error(c, &msg->route, PROTO_ERR_UNEXPECTED_COMMAND, msg->cmd,
-                          "%s: duetd runs colocated groups only and has no transfer in flight",
-                          proto_cmd_name(msg->cmd));
+    case PROTO_CMD_RESERVED: {
+        proto_reserved m;
+        if (proto_reserved_parse(msg->body, &m, &err) != 0) break;
+        coord_on_reserved(c, w, &m);
+        proto_reserved_free(&m);
         return;
+    }
+    case PROTO_CMD_KV_READY: {
+        proto_kv_ready m;
+        if (proto_kv_ready_parse(msg->body, &m, &err) != 0) break;
+        coord_on_kv_ready(c, w, &m);
+        proto_kv_ready_free(&m);
+        return;
+    }
+    case PROTO_CMD_KV_ACK: {
+        proto_xfer_ref m;
+        if (proto_parse(PROTO_T_KV_ACK, msg->body, &m, &err) != 0) break;
+        coord_on_kv_ack(c, w, &m);
+        proto_free(PROTO_T_KV_ACK, &m);
+        return;
+    }
     default:
         send_worker_error(c, &msg->route, PROTO_ERR_UNEXPECTED_COMMAND, msg->cmd,
                           "frame 1: '%s' is not sent by a worker", proto_cmd_name(msg->cmd));
@@ -881,14 +913,14 @@ void coord_worker_tick(coord_t *c, double now)
 
 static void group_load(const coord_t *c, const cgroup *g, int64_t *total, int64_t *free_b, int64_t *cached)
 {
-    *total = group_capacity(g);
+    *total = coord_group_capacity(g);
     const cworker *l = g->ranks[0];
     if (l && l->alive && l->has_load && l->load.kv_free_blocks >= 0) {
         *free_b = l->load.kv_free_blocks;
         *cached = l->load.kv_cached_blocks > 0 ? l->load.kv_cached_blocks : 0;
     } else {
         int64_t used = 0;
-        for (const creq *r = g->head; r; r = r->lnext) used += blocks_of(c, (int64_t)r->n_prompt + r->n_gen);
+        for (const creq *r = g->head; r; r = r->lnext) used += coord_blocks_of(c, (int64_t)r->n_prompt + r->n_gen);
         *free_b = *total > used ? *total - used : 0;
         *cached = 0;
     }
@@ -922,6 +954,17 @@ json_t *coord_status_json(coord_t *c)
         const cworker *l = g->ranks[0];
         o->waiting = l && l->has_load && l->load.waiting > 0 ? l->load.waiting : 0;
         group_load(c, g, &o->kv_blocks_total, &o->kv_blocks_free, &o->kv_blocks_cached);
+        o->transfers = g->x_count;
+        o->transfer_bytes = g->x_bytes;
+        o->transfer_ms = g->x_ms;
+        o->transfer_gbps = g->x_ms > 0 ? (double)g->x_bytes / (g->x_ms * 1e6) : 0;
+        double tot = g->sh_queue + g->sh_prefill + g->sh_transfer + g->sh_decode;
+        if (tot > 0) {
+            o->share_queue = g->sh_queue / tot;
+            o->share_prefill = g->sh_prefill / tot;
+            o->share_transfer = g->sh_transfer / tot;
+            o->share_decode = g->sh_decode / tot;
+        }
         s.kv.blocks_total += o->kv_blocks_total;
         s.kv.blocks_cached += o->kv_blocks_cached;
         int64_t used = o->kv_blocks_total - o->kv_blocks_free - o->kv_blocks_cached;
@@ -950,6 +993,13 @@ json_t *coord_status_json(coord_t *c)
     s.prefix_cache.prompt_tokens = c->st_prompt_tokens;
     s.prefix_cache.cached_tokens = c->st_cached_tokens;
     s.prefix_cache.hit_rate = c->st_prompt_tokens > 0 ? (double)c->st_cached_tokens / (double)c->st_prompt_tokens : 0;
+    s.transfers.completed = c->st_x_done;
+    s.transfers.failed = c->st_x_failed;
+    for (int i = 0; i < c->n_groups; i++)
+        for (const creq *r = c->groups[i].head; r; r = r->lnext) s.transfers.in_flight += r->xstate != XS_NONE && !r->got_kv_ack;
+    s.transfers.bytes = c->st_x_bytes;
+    s.transfers.mean_ms = c->st_x_done > 0 ? c->st_x_ms_sum / (double)c->st_x_done : 0;
+    s.transfers.max_ms = c->st_x_ms_max;
     s.requests.served = c->st_served;
     s.requests.failed = c->st_failed;
     s.requests.cancelled = c->st_cancelled;

@@ -1161,6 +1161,14 @@ static const field f_group_status[] = {
     FI64(proto_group_status, kv_blocks_total, FL_REQ, 0, 0, MAXI),
     FI64(proto_group_status, kv_blocks_free, FL_REQ, 0, 0, MAXI),
     FI64(proto_group_status, kv_blocks_cached, FL_REQ, 0, 0, MAXI),
+    FI64(proto_group_status, transfers, FL_OMIT, 0, 0, MAXI),
+    FI64(proto_group_status, transfer_bytes, FL_OMIT, 0, 0, MAXI),
+    FDBL(proto_group_status, transfer_ms, FL_OMIT, 0, 0, INF),
+    FDBL(proto_group_status, transfer_gbps, FL_OMIT, 0, 0, INF),
+    FDBL(proto_group_status, share_queue, FL_OMIT, 0, 0, 1),
+    FDBL(proto_group_status, share_prefill, FL_OMIT, 0, 0, 1),
+    FDBL(proto_group_status, share_transfer, FL_OMIT, 0, 0, 1),
+    FDBL(proto_group_status, share_decode, FL_OMIT, 0, 0, 1),
 };
 static const schema s_group_status = {sizeof(proto_group_status), f_group_status,
                                       NF(f_group_status), 1, NULL};

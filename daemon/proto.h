@@ -414,6 +414,14 @@ typedef struct {
     int64_t kv_blocks_total; /* its KV pool (per rank) */
     int64_t kv_blocks_free;
     int64_t kv_blocks_cached; /* unreferenced but kept for prefix hits */
+    /* disaggregated groups (omitted when 0): KV transfers this group sent (prefill) or
+     * received (decode), their payload, the senders' summed send time and its bandwidth */
+    int64_t transfers, transfer_bytes;
+    double transfer_ms, transfer_gbps;
+    /* decode groups: of the finished requests' time, the shares (0..1) spent queued,
+     * prefilling (to the first token), transferring (first token to all KV arrived) and
+     * decoding */
+    double share_queue, share_prefill, share_transfer, share_decode;
 } proto_group_status;
 
 typedef enum {
