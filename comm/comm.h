@@ -77,7 +77,9 @@ const char *comm_backend_name(comm_backend b);
 
 /* What a backend implements. impl is the backend's own state (comm_wrap's argument). Every
  * function may set a message with comm_set_error. Functions a backend does not have may be
- * NULL (the wrapper answers COMM_ERR_UNSUPPORTED). */
+ * NULL: isend, irecv, test answer COMM_ERR_UNSUPPORTED; progress answers COMM_OK and discard,
+ * zsock, group_new, group_free do nothing; missing collectives are built by comm.c on
+ * isend/irecv/test (COMM_ERR_UNSUPPORTED when those are missing too); rank -1, size 0. */
 typedef struct {
     comm_backend backend;
     int (*rank)(void *impl);
@@ -118,10 +120,17 @@ typedef struct {
 /* A comm_t over a backend table (borrowed: static) and its state (owned from now on: freed
  * by ops->destroy in comm_destroy, also when comm_wrap fails). */
 comm_status comm_wrap(const comm_ops *ops, void *impl, comm_t **out);
-void comm_destroy(comm_t **self_p); /* NULLs *self_p; safe on NULL and twice */
+/* NULLs *self_p; safe on NULL and twice. Groups go first (comm_group_destroy). Operations
+ * still held are cancelled and freed here (their comm_op_t pointers die with the comm). When
+ * it returns the transport holds no buffer of the caller's any more (tcp waits for ZeroMQ to
+ * let go of cancelled sends, see comm_cancel). */
+void comm_destroy(comm_t **self_p);
 
 /* For backends: record the last error's message (printf format). */
 void comm_set_error(comm_t *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* For backends: c's impl when c runs on the table ops, else NULL (e.g. comm_tcp_endpoint on
+ * a comm_t of another backend). */
+void *comm_impl_of(const comm_t *c, const comm_ops *ops);
 /* The last error's message ("" when none). Borrowed until the next call. */
 const char *comm_last_error(const comm_t *c);
 
@@ -131,34 +140,51 @@ int comm_size(const comm_t *c);  /* ranks in the world, or 0 before it is known 
 
 /* ---- point to point ------------------------------------------------------------------------ */
 
+/* Tags must be < 2^63 (bit 63 belongs to the generic collectives): COMM_ERR_INVAL. A peer
+ * outside the world: COMM_ERR_INVAL; a peer not live (tcp: no endpoint): COMM_ERR_PEER.
+ * tcp: the send is complete when ZeroMQ has let go of buf (written to the kernel, or
+ * dropped when the peer was withdrawn), zero-copy. mpi: when MPI_Isend's request completes;
+ * len and cap above INT_MAX are refused (COMM_ERR_INVAL) / clamped. A receive posted for a
+ * (peer, tag) that comm_discard dropped fails with COMM_ERR_INVAL. */
 comm_status comm_isend(comm_t *c, int peer, uint64_t tag, const void *buf, size_t len,
                        comm_op_t **op);
 comm_status comm_irecv(comm_t *c, int peer, uint64_t tag, void *buf, size_t cap, comm_op_t **op);
 /* *done 1 when op has finished; then *len (may be NULL) gets the bytes moved. Returns the
  * operation's error when it failed. */
 comm_status comm_test(comm_t *c, comm_op_t *op, int *done, size_t *len);
-/* Block until op finishes or timeout_ms passes (-1: no limit): COMM_ERR_TIMEOUT. */
+/* Block until op finishes or timeout_ms passes (-1: no limit): COMM_ERR_TIMEOUT (op is
+ * still pending then). Polls comm_zsock while it waits, so incoming data wakes it at once. */
 comm_status comm_wait(comm_t *c, comm_op_t *op, int timeout_ms, size_t *len);
 /* Free a finished op; NULLs *op. */
 void comm_op_free(comm_t *c, comm_op_t **op);
 /* Abandon op, finished or not, and free it; NULLs *op. An abandoned receive's message is
- * dropped when it arrives (if it was not already received). */
+ * dropped when it arrives (if it was not already received); a later receive for the same
+ * (peer, tag) gets the message after it. A send cannot be taken back once the transport
+ * holds it: its buffer must stay valid until the send would have finished, the peer is
+ * withdrawn (tcp) or comm_destroy returns; comm_progress frees the handle's remains. */
 void comm_cancel(comm_t *c, comm_op_t **op);
 /* Drop every message from peer with tag, queued now or arriving later (a transfer given
- * up). */
+ * up). The comm remembers the last few thousand (tcp) / 256 (mpi) discarded pairs; older
+ * ones are forgotten. Receives already posted for the pair stay posted. */
 void comm_discard(comm_t *c, int peer, uint64_t tag);
 comm_status comm_progress(comm_t *c);
 void *comm_zsock(comm_t *c);
 
 /* ---- groups and collectives ---------------------------------------------------------------- */
 
-/* A group of the world ranks ranks[n] (copied), which must include this rank. */
+/* A group of the world ranks ranks[n] (copied), which must include this rank. At most one
+ * live group per distinct list (the generic collectives' tags come from the list). mpi:
+ * blocking (MPI_Comm_create_group over the members). A group must be destroyed before its
+ * comm. */
 comm_status comm_group_new(comm_t *c, const int *ranks, int n, comm_group_t **out);
 void comm_group_destroy(comm_group_t **self_p);
 int comm_group_size(const comm_group_t *g);
 int comm_group_index(const comm_group_t *g); /* this rank's index in the list */
-/* In place: buf[count] = the sum over the members (the same order of summation on every
- * member, so every member gets the same bits). */
+/* In place: buf[count] = the sum over the members, taken at index 0 in list order,
+ * ((m0 + m1) + m2) + ... in float, and sent to every member: every member, and every
+ * backend with a host implementation (tcp, mpi), gets the same bits.
+ * After COMM_ERR_TIMEOUT the generic (tcp) collectives stay usable (the late messages are
+ * dropped); an mpi group is broken (its later collectives fail: make a new group). */
 comm_status comm_allreduce_sum_f32(comm_group_t *g, float *buf, size_t count, int timeout_ms);
 /* buf[len] of the member at index root to every member. */
 comm_status comm_broadcast(comm_group_t *g, int root, void *buf, size_t len, int timeout_ms);
