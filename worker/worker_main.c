@@ -2,6 +2,8 @@
  *
  *   duet-worker --config conf/duet.conf --group NAME [--rank R] [--endpoint E]
  *   duet-worker -m MODEL.gguf --endpoint E [--threads N] [--kv-budget BYTES] ...
+ *   mpirun -np N duet-worker --config conf/duet.conf   (rank r takes the r-th worker slot:
+ *                                                       the groups in file order)
  *
  * Exit status: 0 after SIGTERM or SIGINT (running requests finish within --drain-timeout,
  * the rest are handed back to duetd; a second signal hands them back at once), 1 on a bad
@@ -18,6 +20,7 @@
 #include <sys/signalfd.h>
 #include <unistd.h>
 
+#include "comm/comm.h"
 #include "daemon/config.h"
 #include "worker/wrk.h"
 
@@ -199,6 +202,27 @@ int main(int argc, char **argv)
             return 1;
         }
         if (!group && dc->n_groups == 1) group = dc->groups[0].name;
+        /* Under mpirun, world rank r is the r-th worker slot of the file: the groups in
+         * order, each tp_size ranks (the same numbering duetd uses). */
+        const char *wr = getenv("OMPI_COMM_WORLD_RANK");
+        if (!wr) wr = getenv("PMIX_RANK");
+        if (!group && comm_mpi_launched() && wr) {
+            int world_rank = atoi(wr), base = 0;
+            for (int i = 0; i < dc->n_groups && !group; i++) {
+                if (world_rank < base + dc->groups[i].tp_size) {
+                    group = dc->groups[i].name;
+                    rank = world_rank - base;
+                }
+                base += dc->groups[i].tp_size;
+            }
+            if (!group) {
+                fprintf(stderr, "<3>duet-worker: mpirun rank %d has no place in %s (%d worker "
+                                "slots in its groups): start %d ranks\n", world_rank, config_path,
+                        base, base);
+                config_free(&dc);
+                return 1;
+            }
+        }
         if (!group) {
             fprintf(stderr, "<3>duet-worker: %s has %d groups: name one with --group NAME\n",
                     config_path, dc->n_groups);
@@ -257,8 +281,10 @@ int main(int argc, char **argv)
         config_free(&dc);
         return 1;
     }
+    const int used_mpi = wc.backend == PROTO_BACKEND_MPI;
     st = wrk_run(w, err, sizeof err); /* it logged its error, if any */
     wrk_destroy(&w);
+    if (used_mpi) comm_mpi_finalize();
     close(sfd);
     config_free(&dc);
     return st == WRK_OK ? 0 : 1;

@@ -707,7 +707,8 @@ void xfer_poll(xfer_t *x, int64_t now)
                 if (!t->send && land(x, t, s, got) != 0) failed = 1;
             }
             if (failed) continue;
-            const int all = t->send ? t->layers_shipped == t->n_layers && t->n_done == t->n_posted
+            const int all = t->send ? t->n_layers > 0 && t->layers_shipped == t->n_layers &&
+                                          t->n_done == t->n_posted
                                     : t->n_done == t->n_slots;
             if (all) {
                 t->complete = 1;
