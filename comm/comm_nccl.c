@@ -438,11 +438,11 @@ static void *watchdog_main(void *arg)
 
 /* ---- issue ---------------------------------------------------------------------------------- */
 
-/* o may go now: its transfer's turn, no earlier held op in its direction. */
+/* o may go now: its transfer's turn (a transfer's op), or no earlier held op in its direction
+ * (an op of no transfer). */
 static int op_ready(comm_nccl_t *n, const comm_nccl_op *o)
 {
-    if (n->blocked[2 * o->peer + o->kind]) return 0;
-    if (!o->x) return 1;
+    if (!o->x) return !n->blocked[2 * o->peer + o->kind];
     nchan *c = chan_find(n, o->x->chan, 0);
     return c && c->next_seq == o->x->seq;
 }
@@ -545,17 +545,30 @@ static int issue_locked(comm_nccl_t *n)
     int ret = 0;
     while (n->state == COMM_NCCL_UP && !n->busy && n->qhead) {
         memset(n->blocked, 0, (size_t)2 * (size_t)n->size);
-        int k = 0, have_ev = 0;
+        int k = 0, n_self[2] = {0, 0};
         void *batch_ev = NULL;
         for (comm_nccl_op *o = n->qhead; o && k < maxb; o = o->qnext) {
             if (!op_ready(n, o)) {
                 n->blocked[2 * o->peer + o->kind] = 1;
                 continue;
             }
-            if (have_ev && o->after_user != batch_ev) break; /* a later layer: its own group */
-            batch_ev = o->after_user;
-            have_ev = 1;
+            /* a later layer (another caller event): its own group, so it delays no earlier one */
+            if (o->after_user && batch_ev && o->after_user != batch_ev) break;
+            if (o->after_user) batch_ev = o->after_user;
+            if (o->peer == n->rank) n_self[o->kind]++;
             ops[k++] = o;
+        }
+        /* To its own rank, a send and its receive must be in one group (a lone one would hold
+         * the stream forever): the unpaired ones (the last of the more numerous kind) wait. */
+        if (n_self[OP_SEND] != n_self[OP_RECV]) {
+            int kind = n_self[OP_SEND] > n_self[OP_RECV] ? OP_SEND : OP_RECV;
+            int keep = n_self[1 - kind], seen = 0, j = 0;
+            for (int i = 0; i < k; i++) {
+                comm_nccl_op *o = ops[i];
+                if (o->peer == n->rank && o->kind == kind && seen++ >= keep) continue;
+                ops[j++] = o;
+            }
+            k = j;
         }
         if (k == 0) break;
         int rc = issue_batch_locked(n, ops, k);
@@ -1481,6 +1494,14 @@ static comm_status coll_check(comm_nccl_group_t *g)
         g->gcomm = NULL;
         g->dead = 0;
         g->state = COMM_NCCL_FAILED;
+    }
+    if (g->state == COMM_NCCL_UP) {
+        int s = n->api.comm_status(n->api.ctx, g->gcomm);
+        if (s == NCCL_API_ERR || s == NCCL_API_REMOTE) {
+            char why[320];
+            snprintf(why, sizeof why, "asynchronous error: %s: %s", rc_name(s), api_msg(n));
+            group_fail_locked(g, why);
+        }
     }
     if (g->state != COMM_NCCL_UP) {
         nerr(n, "nccl: %s", g->fail[0] ? g->fail : "group not built");

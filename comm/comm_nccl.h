@@ -16,11 +16,15 @@
  * its stream after a finished receive with comm_nccl_op_stream_wait (no host wait).
  *
  * Issue and batching. comm_isend / comm_irecv only queue. comm_progress (also comm_test,
- * comm_wait, comm_nccl_progress) issues what may go: consecutive ready operations become
- * one ncclGroupStart/End group (a layer's sends to all peers and any receives in one
- * launch), split where an operation waits on a different caller event, so that a later
- * layer never delays an earlier one. One event recorded after each group says when its
- * operations are done.
+ * comm_wait, comm_nccl_progress, comm_nccl_xfer_end) issues what may go: consecutive ready
+ * operations become one ncclGroupStart/End group (a layer's sends to all peers and any
+ * receives in one launch), split before an operation that waits on another caller event
+ * than the group's, so that a later layer never delays an earlier one (operations without
+ * a caller event join any group). One event recorded after each group says when all its
+ * operations are done: a receiver that wants each layer on its own posts and progresses
+ * them one at a time. To its own rank (one GPU as both prefill and decode worker), a send
+ * and the receive it matches always go in one group (apart, the first would hold the
+ * stream forever): an unpaired one waits for its partner.
  *
  * Order. NCCL has no tags: the k-th send from a to b matches the k-th receive at b from a.
  * duetd numbers the transfers between one pair of groups with seq (PROTOCOL.md section 4),
@@ -29,10 +33,13 @@
  * the ordered channel chan (one per pair of groups and direction: comm_nccl_chan). Such
  * operations are held until every earlier seq of the channel has ended (comm_nccl_xfer_end:
  * all its operations posted and issued) or was released or skipped; within a transfer they
- * go in posting order. Operations with a tag that no transfer claims go in posting order
- * at once. Whatever the tag, an operation never overtakes an earlier held one in the same
- * direction with the same peer. Receives: NCCL has no message sizes, so a receive's cap must
- * equal the matching send's len (a completed receive reports len = cap).
+ * go in posting order. Operations with a tag that no transfer claims (step plans, the group
+ * bootstrap) go in posting order at once, but never overtake an earlier held operation in
+ * the same direction with the same peer. One channel per direction of a pair of ranks: the
+ * ranks of a pair of groups must not also exchange untagged operations while transfers are
+ * held. Receives: NCCL has no message sizes, so a receive's cap must equal the matching
+ * send's len (a completed receive reports len = cap). comm_discard(peer, tag) releases the
+ * transfer with that tag (comm_nccl_xfer_release).
  *
  * Failures. An asynchronous error (ncclCommGetAsyncError, polled by every comm_progress and,
  * when opts.watchdog_ms > 0, by a host thread every watchdog_ms, which lets it end a stream
