@@ -108,6 +108,9 @@ struct comm_nccl {
     int n_ev, cap_ev;
     unsigned char *blocked; /* [2 * size] scratch of the issue scan */
     int cap_blocked;
+    comm_nccl_op **scan;    /* [cap_scan] scratch of the issue scan */
+    int cap_scan;
+    int n_queued;           /* ops in the queue */
     comm_nccl_group_t *groups;
     int n_in_flight;
     char fail[256];
@@ -281,6 +284,7 @@ static void xfers_clear(comm_nccl_t *n)
 
 static void q_remove(comm_nccl_t *n, comm_nccl_op *o)
 {
+    n->n_queued--;
     if (o->qprev) o->qprev->qnext = o->qnext;
     else n->qhead = o->qnext;
     if (o->qnext) o->qnext->qprev = o->qprev;
@@ -535,19 +539,64 @@ static int issue_batch_locked(comm_nccl_t *n, comm_nccl_op **ops, int k)
     return 0;
 }
 
+/* To its own rank, a send and the receive it matches must be in one group (apart, the first
+ * would hold the stream forever): drop from ops[k] the unpaired ones (the last of the more
+ * numerous kind), which wait for their partners. The new k. */
+static int pair_self(const comm_nccl_t *n, comm_nccl_op **ops, int k)
+{
+    int cnt[2] = {0, 0};
+    for (int i = 0; i < k; i++)
+        if (ops[i]->peer == n->rank) cnt[ops[i]->kind]++;
+    if (cnt[OP_SEND] == cnt[OP_RECV]) return k;
+    int kind = cnt[OP_SEND] > cnt[OP_RECV] ? OP_SEND : OP_RECV;
+    int keep = cnt[1 - kind], seen = 0, j = 0;
+    for (int i = 0; i < k; i++) {
+        comm_nccl_op *o = ops[i];
+        if (o->peer == n->rank && o->kind == kind && seen++ >= keep) continue;
+        ops[j++] = o;
+    }
+    return j;
+}
+
+/* At most max_batch of the (paired) ops[k], keeping pairs to its own rank whole: P pairs
+ * (at most half the batch) and the first other ops up to the rest; each a prefix of its
+ * kind, so no direction's order changes. The new k. */
+static int cap_batch(const comm_nccl_t *n, comm_nccl_op **ops, int k)
+{
+    int pairs = 0, maxb = n->opts.max_batch;
+    for (int i = 0; i < k; i++) pairs += ops[i]->peer == n->rank && ops[i]->kind == OP_SEND;
+    int p = pairs < maxb / 2 ? pairs : maxb / 2;
+    int budget = maxb - 2 * p, cnt[2] = {0, 0}, others = 0, j = 0;
+    for (int i = 0; i < k; i++) {
+        comm_nccl_op *o = ops[i];
+        if (o->peer == n->rank) {
+            if (cnt[o->kind] >= p) continue;
+            cnt[o->kind]++;
+        } else {
+            if (others >= budget) continue;
+            others++;
+        }
+        ops[j++] = o;
+    }
+    return j;
+}
+
 /* Issue every op that may go, batch by batch. 0, or -1 when the comm failed. */
 static int issue_locked(comm_nccl_t *n)
 {
-    int maxb = n->opts.max_batch;
-    comm_nccl_op *stack[64];
-    comm_nccl_op **ops = maxb <= 64 ? stack : malloc((size_t)maxb * sizeof *ops);
-    if (!ops) return 0;
-    int ret = 0;
     while (n->state == COMM_NCCL_UP && !n->busy && n->qhead) {
+        if (n->n_queued > n->cap_scan) {
+            int cap = n->n_queued + 64;
+            comm_nccl_op **p = realloc(n->scan, (size_t)cap * sizeof *p);
+            if (!p) return 0; /* try again later */
+            n->scan = p;
+            n->cap_scan = cap;
+        }
+        comm_nccl_op **ops = n->scan;
         memset(n->blocked, 0, (size_t)2 * (size_t)n->size);
-        int k = 0, n_self[2] = {0, 0};
+        int k = 0;
         void *batch_ev = NULL;
-        for (comm_nccl_op *o = n->qhead; o && k < maxb; o = o->qnext) {
+        for (comm_nccl_op *o = n->qhead; o; o = o->qnext) {
             if (!op_ready(n, o)) {
                 n->blocked[2 * o->peer + o->kind] = 1;
                 continue;
@@ -555,32 +604,17 @@ static int issue_locked(comm_nccl_t *n)
             /* a later layer (another caller event): its own group, so it delays no earlier one */
             if (o->after_user && batch_ev && o->after_user != batch_ev) break;
             if (o->after_user) batch_ev = o->after_user;
-            if (o->peer == n->rank) n_self[o->kind]++;
             ops[k++] = o;
         }
-        /* To its own rank, a send and its receive must be in one group (a lone one would hold
-         * the stream forever): the unpaired ones (the last of the more numerous kind) wait. */
-        if (n_self[OP_SEND] != n_self[OP_RECV]) {
-            int kind = n_self[OP_SEND] > n_self[OP_RECV] ? OP_SEND : OP_RECV;
-            int keep = n_self[1 - kind], seen = 0, j = 0;
-            for (int i = 0; i < k; i++) {
-                comm_nccl_op *o = ops[i];
-                if (o->peer == n->rank && o->kind == kind && seen++ >= keep) continue;
-                ops[j++] = o;
-            }
-            k = j;
-        }
+        k = pair_self(n, ops, k);
+        if (k > n->opts.max_batch) k = cap_batch(n, ops, k);
         if (k == 0) break;
         int rc = issue_batch_locked(n, ops, k);
-        if (rc < 0) {
-            ret = -1;
-            break;
-        }
+        if (rc < 0) return -1;
         if (rc > 0) break;
         chans_advance(n);
     }
-    if (ops != stack) free(ops);
-    return ret;
+    return 0;
 }
 
 /* Completed groups: their ops are done. */
@@ -755,6 +789,7 @@ static comm_status post(comm_nccl_t *n, int kind, int peer, uint64_t tag, void *
         x->n_posted++;
     }
     o->state = ST_QUEUED;
+    n->n_queued++;
     o->qprev = n->qtail;
     if (n->qtail) n->qtail->qnext = o;
     else n->qhead = o;
@@ -1792,6 +1827,7 @@ static void nccl_free(void *impl)
     if (n->api.release) n->api.release(n->api.ctx);
     free(n->evpool);
     free(n->blocked);
+    free(n->scan);
     pthread_mutex_destroy(&n->mu);
     pthread_cond_destroy(&n->wd_cv);
     free(n);
@@ -1830,6 +1866,7 @@ comm_status comm_nccl_new(const comm_nccl_api *api, const comm_nccl_opts *opts, 
     if (opts) n->opts = *opts;
     if (n->opts.init_timeout_ms <= 0) n->opts.init_timeout_ms = DEFAULT_INIT_TIMEOUT_MS;
     if (n->opts.max_batch <= 0) n->opts.max_batch = DEFAULT_MAX_BATCH;
+    if (n->opts.max_batch < 2) n->opts.max_batch = 2; /* a send to itself and its receive */
     if (n->opts.watchdog_ms < 0) n->opts.watchdog_ms = 0;
     n->rank = -1;
     pthread_mutex_init(&n->mu, NULL);

@@ -152,7 +152,7 @@ typedef struct {
                             <= 0: 120000 */
     int watchdog_ms;     /* > 0: a host thread polls asynchronous errors that often and aborts
                             a failed communicator; 0: only comm_progress polls */
-    int max_batch;       /* most operations in one group; <= 0: 128 */
+    int max_batch;       /* most operations in one group; <= 0: 128; at least 2 */
 } comm_nccl_opts;
 
 typedef enum {

@@ -1,7 +1,14 @@
 /* comm/comm_nccl_cuda.c: the real comm_nccl_api table (comm_nccl.h) over NCCL and the CUDA
- * runtime. Compiled only in CUDA builds (DUET_CUDA=1, -I$(CUDA_HOME)/include, linked with
- * -lcudart -lnccl); elsewhere this file is empty, so that a build which still compiles every
- * file of comm/ keeps working.
+ * runtime, in CUDA builds (DUET_CUDA=1, -I$(CUDA_HOME)/include, -lcudart). Without CUDA the
+ * two public functions answer COMM_ERR_UNSUPPORTED ("built without CUDA").
+ *
+ * NCCL is loaded at run time (dlopen), not linked: every program links and starts on a
+ * machine without NCCL (a CPU worker, CI), and one that asks for the nccl backend there gets
+ * a clear error. The library: $DUET_NCCL_LIB when set (a path, e.g. the pip wheel's
+ * .../site-packages/nvidia/nccl/lib/libnccl.so.2), else libnccl.so.2 then libnccl.so on
+ * the loader's path (the programs' rpath has $(CUDA_HOME)/lib64). nccl.h gives the types;
+ * ncclConfig_t carries its size and version, so a library older than the header reads the
+ * part it knows.
  *
  * Every call first selects the table's device (cudaSetDevice is cheap, and the watchdog
  * thread calls comm_status and comm_abort too). Communicators are built non-blocking
@@ -12,6 +19,7 @@
 
 #include "comm/comm_nccl.h"
 
+#include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,10 +30,85 @@
 
 #define FINALIZE_WAIT_MS 5000 /* a clean destroy waits this long for ncclCommFinalize */
 
+/* The NCCL functions used, from the loaded library. */
+typedef struct {
+    void *lib;
+    ncclResult_t (*GetVersion)(int *);
+    ncclResult_t (*GetUniqueId)(ncclUniqueId *);
+    ncclResult_t (*CommInitRankConfig)(ncclComm_t *, int, ncclUniqueId, int, ncclConfig_t *);
+    ncclResult_t (*CommGetAsyncError)(ncclComm_t, ncclResult_t *);
+    ncclResult_t (*CommAbort)(ncclComm_t);
+    ncclResult_t (*CommFinalize)(ncclComm_t);
+    ncclResult_t (*CommDestroy)(ncclComm_t);
+    ncclResult_t (*GroupStart)(void);
+    ncclResult_t (*GroupEnd)(void);
+    ncclResult_t (*Send)(const void *, size_t, ncclDataType_t, int, ncclComm_t, cudaStream_t);
+    ncclResult_t (*Recv)(void *, size_t, ncclDataType_t, int, ncclComm_t, cudaStream_t);
+    ncclResult_t (*AllReduce)(const void *, void *, size_t, ncclDataType_t, ncclRedOp_t, ncclComm_t,
+                              cudaStream_t);
+    ncclResult_t (*Broadcast)(const void *, void *, size_t, ncclDataType_t, int, ncclComm_t,
+                              cudaStream_t);
+    ncclResult_t (*AllGather)(const void *, void *, size_t, ncclDataType_t, ncclComm_t, cudaStream_t);
+    const char *(*GetErrorString)(ncclResult_t);
+    const char *(*GetLastError)(ncclComm_t);
+} nccl_syms;
+
 typedef struct {
     int device;
+    int version;  /* the loaded NCCL's (ncclGetVersion) */
+    nccl_syms f;
     char err[512];
 } real_ctx;
+
+static int sym(void *lib, const char *name, void *fp, size_t fpsize, char *err, size_t errlen)
+{
+    void *p = dlsym(lib, name);
+    if (!p) {
+        snprintf(err, errlen, "nccl: %s not found in the NCCL library: %s", name, dlerror());
+        return -1;
+    }
+    memcpy(fp, &p, fpsize);
+    return 0;
+}
+
+#define SYM(x, name) sym((x)->f.lib, "nccl" #name, &(x)->f.name, sizeof (x)->f.name, err, errlen)
+
+/* Load NCCL into x->f. 0, or -1 with err. */
+static int load_nccl(real_ctx *x, char *err, size_t errlen)
+{
+    const char *env = getenv("DUET_NCCL_LIB");
+    const char *tries[3] = {env && *env ? env : NULL, "libnccl.so.2", "libnccl.so"};
+    char why[256] = "";
+    for (int i = 0; i < 3 && !x->f.lib; i++) {
+        if (!tries[i]) continue;
+        x->f.lib = dlopen(tries[i], RTLD_NOW | RTLD_LOCAL);
+        if (!x->f.lib && !why[0]) snprintf(why, sizeof why, "%s", dlerror());
+        if (!x->f.lib && i == 0) break; /* an explicit path that fails is the answer */
+    }
+    if (!x->f.lib) {
+        snprintf(err, errlen, "nccl: cannot load the NCCL library (%s; set DUET_NCCL_LIB to its path)",
+                 why);
+        return -1;
+    }
+    if (SYM(x, GetVersion) || SYM(x, GetUniqueId) || SYM(x, CommInitRankConfig) ||
+        SYM(x, CommGetAsyncError) || SYM(x, CommAbort) || SYM(x, CommFinalize) ||
+        SYM(x, CommDestroy) || SYM(x, GroupStart) || SYM(x, GroupEnd) || SYM(x, Send) ||
+        SYM(x, Recv) || SYM(x, AllReduce) || SYM(x, Broadcast) || SYM(x, AllGather) ||
+        SYM(x, GetErrorString) || SYM(x, GetLastError)) {
+        dlclose(x->f.lib);
+        x->f.lib = NULL;
+        return -1;
+    }
+    if (x->f.GetVersion(&x->version) != ncclSuccess) x->version = 0;
+    if (x->version < NCCL_VERSION(2, 18, 0)) {
+        snprintf(err, errlen, "nccl: the NCCL library is version %d; duet needs 2.18 or newer "
+                 "(non-blocking communicators, ncclCommFinalize)", x->version);
+        dlclose(x->f.lib);
+        x->f.lib = NULL;
+        return -1;
+    }
+    return 0;
+}
 
 static int fail_cuda(real_ctx *x, const char *call, cudaError_t e)
 {
@@ -37,8 +120,8 @@ static int nccl_rc(real_ctx *x, const char *call, ncclResult_t r, ncclComm_t com
 {
     if (r == ncclSuccess) return NCCL_API_OK;
     if (r == ncclInProgress) return NCCL_API_PENDING;
-    const char *last = ncclGetLastError(comm);
-    snprintf(x->err, sizeof x->err, "%s: %s%s%s (device %d)", call, ncclGetErrorString(r),
+    const char *last = x->f.GetLastError(comm);
+    snprintf(x->err, sizeof x->err, "%s: %s%s%s (device %d)", call, x->f.GetErrorString(r),
              last && *last ? ": " : "", last ? last : "", x->device);
     return (r == ncclRemoteError || r == ncclSystemError) ? NCCL_API_REMOTE : NCCL_API_ERR;
 }
@@ -58,7 +141,7 @@ static int r_get_unique_id(void *ctx, uint8_t id[COMM_NCCL_ID_BYTES])
 {
     real_ctx *x = ctx;
     ncclUniqueId u;
-    int rc = nccl_rc(x, "ncclGetUniqueId", ncclGetUniqueId(&u), NULL);
+    int rc = nccl_rc(x, "ncclGetUniqueId", x->f.GetUniqueId(&u), NULL);
     if (rc == NCCL_API_OK) memcpy(id, u.internal, COMM_NCCL_ID_BYTES);
     return rc;
 }
@@ -74,7 +157,7 @@ static int r_comm_init(void *ctx, int nranks, const uint8_t id[COMM_NCCL_ID_BYTE
     ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
     cfg.blocking = 0;
     ncclComm_t c = NULL;
-    int rc = nccl_rc(x, "ncclCommInitRankConfig", ncclCommInitRankConfig(&c, nranks, u, rank, &cfg), c);
+    int rc = nccl_rc(x, "ncclCommInitRankConfig", x->f.CommInitRankConfig(&c, nranks, u, rank, &cfg), c);
     *comm = c;
     return rc;
 }
@@ -84,7 +167,7 @@ static int r_comm_status(void *ctx, void *comm)
     real_ctx *x = ctx;
     if (dev(x) != NCCL_API_OK) return NCCL_API_ERR;
     ncclResult_t a = ncclSuccess;
-    int rc = nccl_rc(x, "ncclCommGetAsyncError", ncclCommGetAsyncError((ncclComm_t)comm, &a), comm);
+    int rc = nccl_rc(x, "ncclCommGetAsyncError", x->f.CommGetAsyncError((ncclComm_t)comm, &a), comm);
     if (rc != NCCL_API_OK) return rc;
     return nccl_rc(x, "asynchronous error", a, comm);
 }
@@ -94,7 +177,7 @@ static void r_comm_abort(void *ctx, void *comm)
     real_ctx *x = ctx;
     if (!comm) return;
     (void)dev(x);
-    (void)ncclCommAbort((ncclComm_t)comm);
+    (void)x->f.CommAbort((ncclComm_t)comm);
 }
 
 static void r_comm_destroy(void *ctx, void *comm)
@@ -103,14 +186,14 @@ static void r_comm_destroy(void *ctx, void *comm)
     if (!comm) return;
     (void)dev(x);
     ncclComm_t c = comm;
-    ncclResult_t r = ncclCommFinalize(c);
+    ncclResult_t r = x->f.CommFinalize(c);
     struct timespec t0, t;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     while (r == ncclInProgress || r == ncclSuccess) {
         ncclResult_t a = ncclSuccess;
-        if (ncclCommGetAsyncError(c, &a) != ncclSuccess) break;
+        if (x->f.CommGetAsyncError(c, &a) != ncclSuccess) break;
         if (a == ncclSuccess) {
-            (void)ncclCommDestroy(c);
+            (void)x->f.CommDestroy(c);
             return;
         }
         if (a != ncclInProgress) break;
@@ -120,52 +203,61 @@ static void r_comm_destroy(void *ctx, void *comm)
         struct timespec nap = {0, 100000};
         nanosleep(&nap, NULL);
     }
-    (void)ncclCommAbort(c); /* finalize failed or hung: abort frees it */
+    (void)x->f.CommAbort(c); /* finalize failed or hung: abort frees it */
 }
 
 static int r_group_start(void *ctx)
 {
-    return nccl_rc(ctx, "ncclGroupStart", ncclGroupStart(), NULL);
+    real_ctx *x = ctx;
+    return nccl_rc(x, "ncclGroupStart", x->f.GroupStart(), NULL);
 }
 
 static int r_group_end(void *ctx)
 {
-    return nccl_rc(ctx, "ncclGroupEnd", ncclGroupEnd(), NULL);
+    real_ctx *x = ctx;
+    return nccl_rc(x, "ncclGroupEnd", x->f.GroupEnd(), NULL);
 }
 
 static int r_send(void *ctx, void *comm, const void *buf, size_t len, int peer, void *stream)
 {
-    return nccl_rc(ctx, "ncclSend",
-                   ncclSend(buf, len, ncclUint8, peer, (ncclComm_t)comm, (cudaStream_t)stream), comm);
+    real_ctx *x = ctx;
+    return nccl_rc(x, "ncclSend",
+                   x->f.Send(buf, len, ncclUint8, peer, (ncclComm_t)comm, (cudaStream_t)stream),
+                   comm);
 }
 
 static int r_recv(void *ctx, void *comm, void *buf, size_t len, int peer, void *stream)
 {
-    return nccl_rc(ctx, "ncclRecv",
-                   ncclRecv(buf, len, ncclUint8, peer, (ncclComm_t)comm, (cudaStream_t)stream), comm);
+    real_ctx *x = ctx;
+    return nccl_rc(x, "ncclRecv",
+                   x->f.Recv(buf, len, ncclUint8, peer, (ncclComm_t)comm, (cudaStream_t)stream),
+                   comm);
 }
 
 static int r_allreduce(void *ctx, void *comm, float *buf, size_t count, void *stream)
 {
-    return nccl_rc(ctx, "ncclAllReduce",
-                   ncclAllReduce(buf, buf, count, ncclFloat32, ncclSum, (ncclComm_t)comm,
-                                 (cudaStream_t)stream),
+    real_ctx *x = ctx;
+    return nccl_rc(x, "ncclAllReduce",
+                   x->f.AllReduce(buf, buf, count, ncclFloat32, ncclSum, (ncclComm_t)comm,
+                                  (cudaStream_t)stream),
                    comm);
 }
 
 static int r_broadcast(void *ctx, void *comm, void *buf, size_t len, int root, void *stream)
 {
-    return nccl_rc(ctx, "ncclBroadcast",
-                   ncclBroadcast(buf, buf, len, ncclUint8, root, (ncclComm_t)comm,
-                                 (cudaStream_t)stream),
+    real_ctx *x = ctx;
+    return nccl_rc(x, "ncclBroadcast",
+                   x->f.Broadcast(buf, buf, len, ncclUint8, root, (ncclComm_t)comm,
+                                  (cudaStream_t)stream),
                    comm);
 }
 
 static int r_allgather(void *ctx, void *comm, const void *send, void *recv, size_t len,
                        void *stream)
 {
-    return nccl_rc(ctx, "ncclAllGather",
-                   ncclAllGather(send, recv, len, ncclUint8, (ncclComm_t)comm, (cudaStream_t)stream),
+    real_ctx *x = ctx;
+    return nccl_rc(x, "ncclAllGather",
+                   x->f.AllGather(send, recv, len, ncclUint8, (ncclComm_t)comm, (cudaStream_t)stream),
                    comm);
 }
 
@@ -251,27 +343,36 @@ static int r_copy_to_host(void *ctx, void *dst, const void *src, size_t len)
 
 static void r_release(void *ctx)
 {
-    free(ctx);
+    real_ctx *x = ctx;
+    if (x->f.lib) dlclose(x->f.lib);
+    free(x);
 }
 
 comm_status comm_nccl_cuda_api(int device, comm_nccl_api *api, char *err, size_t errlen)
 {
     if (!api) return COMM_ERR_INVAL;
     memset(api, 0, sizeof *api);
+    real_ctx *x = calloc(1, sizeof *x);
+    if (!x) return COMM_ERR_NOMEM;
+    x->device = device;
+    char lerr[384];
+    if (load_nccl(x, lerr, sizeof lerr) != 0) {
+        if (err && errlen) snprintf(err, errlen, "%s", lerr);
+        free(x);
+        return COMM_ERR_UNSUPPORTED;
+    }
     int n = 0;
     cudaError_t e = cudaGetDeviceCount(&n);
     if (e != cudaSuccess || device < 0 || device >= n) {
         if (err && errlen)
-            snprintf(err, errlen, "nccl: CUDA device %d: %s", device,
+            snprintf(err, errlen, "nccl: no usable CUDA device %d: %s", device,
                      e != cudaSuccess ? cudaGetErrorString(e) : "no such device");
+        r_release(x);
         return COMM_ERR_UNSUPPORTED;
     }
-    real_ctx *x = calloc(1, sizeof *x);
-    if (!x) return COMM_ERR_NOMEM;
-    x->device = device;
     if (dev(x) != NCCL_API_OK) {
         if (err && errlen) snprintf(err, errlen, "nccl: %s", x->err);
-        free(x);
+        r_release(x);
         return COMM_ERR_SYS;
     }
     *api = (comm_nccl_api){
@@ -316,8 +417,31 @@ comm_status comm_nccl_cuda_new(int device, const comm_nccl_opts *opts, comm_t **
     return comm_nccl_new(&api, opts, out, nccl, err, errlen);
 }
 
-#else
+#else /* a build without CUDA */
 
-typedef int comm_nccl_cuda_unused; /* not a CUDA build: nothing here */
+#include "comm/comm_nccl.h"
+
+#include <stdio.h>
+
+#define NO_CUDA "nccl: built without CUDA (rebuild with make CUDA=1 where nvcc and the CUDA toolkit are installed)"
+
+comm_status comm_nccl_cuda_api(int device, comm_nccl_api *api, char *err, size_t errlen)
+{
+    (void)device;
+    (void)api;
+    if (err && errlen) snprintf(err, errlen, "%s", NO_CUDA);
+    return COMM_ERR_UNSUPPORTED;
+}
+
+comm_status comm_nccl_cuda_new(int device, const comm_nccl_opts *opts, comm_t **out,
+                               comm_nccl_t **nccl, char *err, size_t errlen)
+{
+    (void)device;
+    (void)opts;
+    if (out) *out = NULL;
+    if (nccl) *nccl = NULL;
+    if (err && errlen) snprintf(err, errlen, "%s", NO_CUDA);
+    return COMM_ERR_UNSUPPORTED;
+}
 
 #endif

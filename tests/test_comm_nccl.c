@@ -1608,6 +1608,42 @@ static void test_self_pairs(void **state)
     world_free(w);
 }
 
+/* Many receives to itself queued ahead of their sends, and groups capped at max_batch: each
+ * group still pairs every send with its receive. */
+static void test_self_pairs_capped(void **state)
+{
+    (void)state;
+    comm_nccl_opts o = {.max_batch = 4};
+    world *w = world_up(1, &o);
+    rk *a = &w->r[0];
+    enum { N = 10 };
+    unsigned char src[N][8], dst[N][8];
+    comm_nccl_op *s[N], *r[N];
+    memset(dst, 0, sizeof dst);
+    for (int i = 0; i < N; i++) {
+        fill(src[i], 8, i);
+        assert_int_equal(comm_nccl_irecv(a->n, 0, 1, dst[i], 8, NULL, &r[i]), COMM_OK);
+    }
+    for (int i = 0; i < N; i++)
+        assert_int_equal(comm_nccl_isend(a->n, 0, 1, src[i], 8, NULL, &s[i]), COMM_OK);
+    comm_progress(a->c);
+    assert_string_equal(a->x.log, "[r0:8 r0:8 s0:8 s0:8][r0:8 r0:8 s0:8 s0:8][r0:8 r0:8 s0:8 s0:8]"
+                                  "[r0:8 r0:8 s0:8 s0:8][r0:8 r0:8 s0:8 s0:8]");
+    comm_nccl_op *ops[2 * N];
+    int who[2 * N] = {0};
+    for (int i = 0; i < N; i++) {
+        ops[2 * i] = s[i];
+        ops[2 * i + 1] = r[i];
+    }
+    assert_int_equal(drive(w, ops, who, 2 * N), 0);
+    for (int i = 0; i < N; i++) {
+        assert_memory_equal(src[i], dst[i], 8);
+        comm_nccl_op_free(a->n, &s[i]);
+        comm_nccl_op_free(a->n, &r[i]);
+    }
+    world_free(w);
+}
+
 /* comm_discard on a transfer's tag releases it (later seqs go). */
 static void test_discard(void **state)
 {
@@ -1795,6 +1831,7 @@ int main(void)
         cmocka_unit_test(test_failed_calls),
         cmocka_unit_test(test_cancel),
         cmocka_unit_test(test_self_pairs),
+        cmocka_unit_test(test_self_pairs_capped),
         cmocka_unit_test(test_discard),
         cmocka_unit_test(test_group_collectives),
         cmocka_unit_test(test_group_async_and_failures),
