@@ -1789,6 +1789,11 @@ static const comm_ops nccl_ops = {
     .destroy = nccl_free,
 };
 
+comm_nccl_t *comm_nccl_of(const comm_t *c)
+{
+    return comm_impl_of(c, &nccl_ops);
+}
+
 /* ---- new / destroy -------------------------------------------------------------------------- */
 
 static void nccl_free(void *impl)

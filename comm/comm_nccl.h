@@ -4,7 +4,8 @@
  * of sends and receives, batching into ncclGroupStart/End groups, events between streams,
  * the polling of asynchronous errors, abort and rebuild, the bootstrap. It calls NCCL and
  * the CUDA runtime only through a table of functions, comm_nccl_api, so tests put a fake
- * behind it; comm_nccl_cuda.c (CUDA builds only) fills the table with the real calls.
+ * behind it; comm_nccl_cuda.c fills the table with the real calls (CUDA builds; NCCL itself
+ * is loaded at run time, so programs link and start without it).
  *
  * Streams and events. Sends and receives run on a stream of the backend's own (the
  * transfer stream). Each operation is ordered after the compute that wrote (or may still
@@ -50,7 +51,8 @@
  * COMM_NCCL_FAILED; nothing is re-issued on a later communicator (the peer's side of the
  * order is lost with the old one): the caller retries the request (duetd does, with a new
  * xfer) or fails it. A rebuild is comm_nccl_init with a new unique id (from world rank 0,
- * relayed by duetd's comm_init, or by MPI); it resets every channel's seq to 0.
+ * relayed by duetd's comm_init, or by MPI); it resets every channel's seq to 0 and forgets
+ * every transfer begun before it.
  *
  * Bootstrap. Under systemd: world rank 0 makes an id (comm_nccl_make_id), sends
  * `comm_id {unique_id}` to duetd; duetd relays it in `comm_init {backend: "nccl",
@@ -175,8 +177,9 @@ comm_status comm_nccl_cuda_new(int device, const comm_nccl_opts *opts, comm_t **
 /* Only the real table (ctx allocated; its release frees it). CUDA builds only. */
 comm_status comm_nccl_cuda_api(int device, comm_nccl_api *api, char *err, size_t errlen);
 
-/* The comm_t that owns n. */
+/* The comm_t that owns n, and back: c's backend state when c is an NCCL comm_t, else NULL. */
 comm_t *comm_nccl_comm(comm_nccl_t *n);
+comm_nccl_t *comm_nccl_of(const comm_t *c);
 comm_nccl_state comm_nccl_get_state(const comm_nccl_t *n);
 /* "none", "init", "up", "failed". Static. */
 const char *comm_nccl_state_name(comm_nccl_state s);

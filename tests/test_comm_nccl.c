@@ -754,6 +754,7 @@ static void rank_new(world *w, int i, const comm_nccl_opts *o)
     if (st != COMM_OK) fail_msg("comm_nccl_new: %s", err);
     assert_non_null(r->n);
     assert_ptr_equal(comm_nccl_comm(r->n), r->c);
+    assert_ptr_equal(comm_nccl_of(r->c), r->n);
 }
 
 static int all_up(world *w)
@@ -1088,6 +1089,7 @@ static void test_bootstrap_mpi(void **state)
     comm_status st = comm_nccl_bootstrap_mpi(w->r[1].n, a[1].mpi, 100);
     assert_int_equal(st, COMM_ERR_SYS);
     assert_non_null(strstr(comm_last_error(w->r[1].c), "broadcasting rank 0's unique id over mpi"));
+    assert_null(comm_nccl_of(a[0].mpi)); /* not an NCCL comm */
     for (int i = 0; i < 3; i++) comm_destroy(&a[i].mpi);
     pthread_mutex_destroy(&b.mu);
     pthread_cond_destroy(&b.cv);
