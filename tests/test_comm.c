@@ -385,6 +385,58 @@ static void test_cancel(void **state)
     world_down(&w);
 }
 
+/* More messages than ZeroMQ queues (high-water marks): the rest wait in the sender's queue
+ * and go out, in order, as the sender makes progress; the same world set again changes
+ * nothing. */
+#define N_HWM 20000
+
+static void test_hwm(void **state)
+{
+    world w;
+    world_up(&w, 2, *(int *)*state);
+    comm_op_t **s = calloc(N_HWM, sizeof *s), **r = calloc(N_HWM, sizeof *r);
+    uint32_t *in = calloc(N_HWM, sizeof *in), *out = calloc(N_HWM, sizeof *out);
+    assert_non_null(s);
+    assert_non_null(r);
+    for (int i = 0; i < N_HWM; i++) {
+        out[i] = (uint32_t)i * 2654435761u;
+        assert_int_equal(comm_isend(w.c[0], 1, 3, &out[i], sizeof out[i], &s[i]), COMM_OK);
+    }
+    set_worlds(&w); /* the same endpoints: nothing is dropped */
+    for (int i = 0; i < N_HWM; i++)
+        assert_int_equal(comm_irecv(w.c[1], 0, 3, &in[i], sizeof in[i], &r[i]), COMM_OK);
+    int left = 2 * N_HWM;
+    const double t0 = now_ms();
+    while (left > 0 && now_ms() - t0 < WAIT_MS) {
+        assert_int_equal(comm_progress(w.c[0]), COMM_OK);
+        for (int i = 0; i < N_HWM; i++) {
+            int done = 0;
+            if (!r[i] && !s[i]) continue;
+            if (r[i]) {
+                assert_int_equal(comm_test(w.c[1], r[i], &done, NULL), COMM_OK);
+                if (done) {
+                    comm_op_free(w.c[1], &r[i]);
+                    left--;
+                }
+            } else if (s[i]) {
+                assert_int_equal(comm_test(w.c[0], s[i], &done, NULL), COMM_OK);
+                if (done) {
+                    comm_op_free(w.c[0], &s[i]);
+                    left--;
+                }
+            }
+            if (!done && i > 64) break; /* later ones cannot be done yet either */
+        }
+    }
+    assert_int_equal(left, 0);
+    assert_memory_equal(in, out, N_HWM * sizeof *in);
+    free(s);
+    free(r);
+    free(in);
+    free(out);
+    world_down(&w);
+}
+
 /* A world where rank 2 has an endpoint nobody listens on. */
 static void dead_world(world *w, int transport, char *dead, size_t cap)
 {
@@ -926,6 +978,7 @@ int main(void)
         cmocka_unit_test_prestate(test_discard, &tcp_t),
         cmocka_unit_test_prestate(test_discard, &ipc_t),
         cmocka_unit_test_prestate(test_cancel, &tcp_t),
+        cmocka_unit_test_prestate(test_hwm, &ipc_t),
         cmocka_unit_test_prestate(test_withdraw, &tcp_t),
         cmocka_unit_test_prestate(test_withdraw, &ipc_t),
         cmocka_unit_test_prestate(test_peer_changed, &tcp_t),
