@@ -204,7 +204,12 @@ comm_status comm_tcp_new(const char *bind_endpoint, void *zctx, comm_t **out, ch
 const char *comm_tcp_endpoint(const comm_t *c);
 /* The world: this rank, and endpoints[world_size] (NULL or "" for a rank that is not live).
  * May be called again whenever duetd's list changes: operations with a peer whose endpoint
- * was withdrawn or changed end with COMM_ERR_PEER, and its queued messages are dropped. */
+ * was withdrawn or changed end with COMM_ERR_PEER (a send once ZeroMQ has dropped it:
+ * promptly), what this rank queued for it is dropped, and a fresh connection goes to the
+ * new endpoint. Messages name their sender's own endpoint in the sender's world: those from
+ * an incarnation other than the one this world names are dropped when the peer changes
+ * (the old one's), or wait until it does (a sender whose world is newer). An unchanged
+ * entry changes nothing. A connect that fails leaves that rank not live: COMM_ERR_SYS. */
 comm_status comm_tcp_set_world(comm_t *c, int rank, int world_size,
                                const char *const *endpoints);
 

@@ -840,13 +840,13 @@ const char *comm_tcp_endpoint(const comm_t *c)
 static void withdraw(tcp_impl *t, int p, uint64_t new_hash)
 {
     tcp_peer *pe = &t->peers[p];
+    sweep(t); /* sends ZeroMQ already let go of are done, and ok */
     close_sock(&pe->sock);
     while (pe->q_head) {
         tcp_op *op = pe->q_head;
         list_del(&pe->q_head, &pe->q_tail, op);
         op->state = ST_DONE;
         op->st = COMM_ERR_PEER;
-        if (op->orphan) free(op);
     }
     for (tcp_op *op = t->inflight_head; op; op = op->next)
         if (op->peer == p) op->st = COMM_ERR_PEER; /* done once ZeroMQ lets go of it */
