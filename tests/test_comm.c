@@ -685,7 +685,7 @@ static void *late_thread(void *p)
     float v[4] = {1, 2, 3, (float)a->rank};
     comm_status st = comm_group_new(a->c, list, 2, &g);
     CHECK(st == COMM_OK, "group_new: %s", comm_last_error(a->c));
-    if (a->rank == 1) usleep(300 * 1000);
+    if (a->rank == 1) usleep(600 * 1000); /* long past rank 0's 100 ms */
     double t0 = now_ms();
     st = comm_allreduce_sum_f32(g, v, 4, a->rank == 0 ? 100 : 200);
     CHECK(st == COMM_ERR_TIMEOUT, "late allreduce: %s (%s)", comm_strerror(st),
@@ -693,7 +693,7 @@ static void *late_thread(void *p)
     CHECK(now_ms() - t0 < 5000, "the timeout took %.0f ms", now_ms() - t0);
     CHECK(strstr(comm_last_error(a->c), "comm_allreduce_sum_f32") != NULL, "message: %s",
           comm_last_error(a->c));
-    if (a->rank == 0) usleep(400 * 1000); /* rank 1 times out too */
+    /* the next call has its own tags: rank 0 may start it while rank 1 still waits */
     float w[4] = {1, 2, 3, (float)a->rank};
     st = comm_allreduce_sum_f32(g, w, 4, WAIT_MS);
     CHECK(st == COMM_OK, "allreduce after a timeout: %s", comm_last_error(a->c));
