@@ -66,7 +66,10 @@ PROG_DEFS   := duet:client/duet_main.c duetd:daemon/duetd_main.c duet-worker:wor
 PROG_DEFS   := $(foreach p,$(PROG_DEFS),$(if $(wildcard $(word 2,$(subst :, ,$(p)))),$(p)))
 PROGS       := $(foreach p,$(PROG_DEFS),$(BUILD)/bin/$(word 1,$(subst :, ,$(p))))
 
-# CUDA: every kernels/*.cu goes into libduet_cuda.a.
+# CUDA: every kernels/*.cu goes into libduet_cuda.a, which programs, tests and benchmarks
+# link ahead of libduet.a (it calls into it), with the CUDA runtime and cuBLAS. CI has nvcc
+# and no GPU: everything compiles and links there, and GPU tests skip with a reason.
+# With CUDA=0, kernels/cuda_stub.c answers every CUDA call with "built without CUDA".
 CU_SRC      := $(wildcard kernels/*.cu)
 ifeq ($(CUDA),1)
   ifeq ($(NVCC),)
@@ -74,16 +77,18 @@ ifeq ($(CUDA),1)
   endif
   CU_OBJ      := $(CU_SRC:%.cu=$(BUILD)/%.cu.o)
   CUDA_LIB    := $(if $(CU_OBJ),$(BUILD)/libduet_cuda.a)
-  NVCC_FLAGS  ?= -O2 -g -std=c++17 -arch=sm_90 -Xcompiler -Wall,-Wextra,-Werror -I.
+  NVCC_ARCH   ?= -arch=sm_90
+  NVCC_FLAGS  ?= -O2 -g -lineinfo -std=c++17 $(NVCC_ARCH) -Werror all-warnings \
+                 -Xcompiler -Wall,-Wextra,-Werror -I. -DDUET_CUDA=1 -MMD -MP
+  DUET_CFLAGS += -DDUET_CUDA=1 -I$(CUDA_HOME)/include
+  DUET_LIBS   += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcublasLt -lcudart -lstdc++
 endif
-
-# The CUDA library is compiled (so CI, with nvcc and no GPU, checks it) but not yet
-# linked into the programs: the CUDA backend (kernels/*.cu behind the operation
-# interface) is wired in with the GPU issue, together with -lcudart -lcublas -lnccl.
-LINK_LIBS := $(LIB)
+LINK_LIBS := $(CUDA_LIB) $(LIB)
+# GPU suites (tests/test_gpu_*.c): part of `make test` too, where they skip without a GPU.
+GPU_TEST_BIN := $(filter $(BUILD)/tests/test_gpu_%,$(TEST_BIN))
 
 # ---- rules -----------------------------------------------------------------
-.PHONY: all lib test asan bench install uninstall clean model golden setup check-deps
+.PHONY: all lib test asan bench install uninstall clean model golden setup check-deps test-gpu bench-gpu
 # Keep the objects of tests, tools and benchmarks (intermediates of pattern rules).
 .SECONDARY:
 .DEFAULT_GOAL := all
@@ -136,6 +141,18 @@ test: all
 
 asan:
 	$(MAKE) BUILD=$(BUILD)/asan ASAN=1 CUDA=0 OPT=-O1 test
+
+# The GPU suites on a machine with an NVIDIA GPU (a missing GPU fails here instead of
+# skipping): every kernel against the CPU backend, and GPU greedy tokens against the CPU's.
+test-gpu: check-deps $(CUDA_LIB) $(GPU_TEST_BIN)
+	$(if $(filter 1,$(CUDA)),,$(error make test-gpu needs CUDA=1 (nvcc and the CUDA toolkit)))
+	@DUET_REQUIRE_GPU=1 BUILD=$(BUILD) scripts/run-tests $(GPU_TEST_BIN)
+
+# Decode and prefill on the GPU (a ~1B random Llama) beside PyTorch on the same shapes.
+bench-gpu: check-deps $(CUDA_LIB) $(BUILD)/bench/bench_gpu
+	$(if $(filter 1,$(CUDA)),,$(error make bench-gpu needs CUDA=1 (nvcc and the CUDA toolkit)))
+	$(BUILD)/bench/bench_gpu --run --json $(BUILD)/bench-gpu.json
+	python3 scripts/bench-gpu-torch.py --duet $(BUILD)/bench-gpu.json
 
 # The C micro-benchmarks, the engine against llama.cpp (installed by setup --bench), and
 # the service (duetd + duet-worker) under N concurrent clients.
