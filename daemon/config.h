@@ -107,6 +107,7 @@ typedef struct {
     int max_tokens_limit;        /* largest max_tokens accepted; 0: the context length */
     int64_t client_buffer_bytes; /* a slow client's buffered output beyond which its request is cancelled */
     int request_timeout_ms;      /* a request's longest life; 0: none */
+    int transfer_lease_ms;       /* a KV reservation's lease (disaggregated groups) */
     config_log_level log_level;  /* least severe level logged */
 } config_daemon;
 

@@ -14,7 +14,6 @@
 
 #include "daemon/coord_int.h"
 
-#define XFER_LEASE_MS 30000 /* what a reservation and a sent copy may take */
 
 int coord_units_ready(const coord_t *c)
 {
@@ -168,7 +167,7 @@ int coord_reserve(coord_t *c, creq *r, cgroup *p, cgroup *d)
     m.n_src = p->tp_size;
     m.tokens = ctx;
     m.n_tokens = r->n_prompt + r->n_gen;
-    m.lease_ms = XFER_LEASE_MS;
+    m.lease_ms = c->cfg->daemon.transfer_lease_ms;
     int rc = coord_worker_send(c, dl, PROTO_CMD_RESERVE, PROTO_T_RESERVE, &m);
     free(src);
     free(ctx);

@@ -688,6 +688,13 @@ wrk_status wrk_new(const wrk_config *c, wrk_t **out, char *err, size_t errlen)
     /* The data plane: a worker that may move KV (any role but both), or one started by
      * mpirun with transport mpi. */
     if (c->backend == PROTO_BACKEND_MPI) {
+        if (!comm_mpi_launched()) {
+            set_err(err, errlen, "transport mpi: this worker was not started by mpirun (start the "
+                                 "workers with mpirun -np N duet-worker --config FILE, or use "
+                                 "transport tcp)");
+            rc = WRK_ERR_CONFIG;
+            goto fail;
+        }
         if (comm_mpi_new(&w->comm, why, sizeof why) != COMM_OK) {
             set_err(err, errlen, "data plane (mpi): %s", why);
             rc = WRK_ERR_SYS;
@@ -724,8 +731,9 @@ void wrk_destroy(wrk_t **self_p)
         proto_assign_free(&p->a);
         free(p);
     }
-    xfer_destroy(&w->xfer);
+    xfer_set_comm(w->xfer, NULL); /* then the comm lets go of the buffers, then they go */
     comm_destroy(&w->comm);
+    xfer_destroy(&w->xfer);
     if (w->zctx) zmq_ctx_term(w->zctx);
     if (w->wake_fd >= 0) close(w->wake_fd);
     sched_destroy(&w->sched);

@@ -43,9 +43,11 @@ struct xfer_engine {
     int n_layers, head0, n_heads, block_tokens;
     xf *head;          /* transfers in flight */
     xf *zombies;       /* abandoned sends whose operations the transport still holds */
+    xf *orphans;       /* such sends of a previous comm: freed at xfer_destroy */
     xfer_event *ev;    /* queued events [ev_head, ev_len) */
     int ev_head, ev_len, ev_cap;
     xfer_stats st;
+    int drop_layer;    /* fault injection (DUET_FAULT_DROP_LAYER): never send this layer, or -1 */
 };
 
 static double mono_ms(void)
@@ -296,6 +298,8 @@ xfer_status xfer_new(kv_cache_t *kv, xfer_t **out)
     x->head0 = kc->kv_head0;
     x->n_heads = kc->n_kv_heads;
     x->block_tokens = kc->block_tokens;
+    const char *fault = getenv("DUET_FAULT_DROP_LAYER");
+    x->drop_layer = fault && *fault ? atoi(fault) : -1;
     *out = x;
     return XFER_OK;
 }
@@ -351,14 +355,21 @@ void xfer_destroy(xfer_t **self_p)
     if (!self_p || !*self_p) return;
     xfer_t *x = *self_p;
     drop_all(x, 0, "");
-    reap_zombies(x, x->comm == NULL);
-    /* a transport that still holds buffers is being destroyed with us: its owner destroys
-     * the comm after the engine, so the handles are abandoned with their buffers */
+    reap_zombies(x, 0);
+    /* what is left: sends the transport still holds (the caller destroys the comm after
+     * xfer_set_comm(NULL) and before this, so the transport has let go), and orphans of an
+     * earlier comm: their handles died with their comm, their buffers go now */
     while (x->zombies) {
         xf *t = x->zombies;
         x->zombies = t->next;
-        for (int i = 0; i < t->n_slots; i++)
-            if (t->ops[i]) comm_cancel(x->comm, &t->ops[i]);
+        if (x->comm)
+            for (int i = 0; i < t->n_slots; i++)
+                if (t->ops[i]) comm_cancel(x->comm, &t->ops[i]);
+        free_xf(t);
+    }
+    while (x->orphans) {
+        xf *t = x->orphans;
+        x->orphans = t->next;
         free_xf(t);
     }
     free(x->ev);
@@ -369,14 +380,17 @@ void xfer_destroy(xfer_t **self_p)
 void xfer_set_comm(xfer_t *x, comm_t *comm)
 {
     if (!x || x->comm == comm) return;
-    drop_all(x, 1, "the data plane changed");
-    /* the old comm's handles die with it: cancel what we hold while it is still alive */
-    while (x->zombies) {
-        xf *t = x->zombies;
-        x->zombies = t->next;
-        for (int i = 0; i < t->n_slots; i++)
-            if (t->ops[i] && x->comm) comm_cancel(x->comm, &t->ops[i]);
-        free_xf(t);
+    if (x->comm) {
+        drop_all(x, 1, "the data plane changed");
+        reap_zombies(x, 0);
+        /* sends the old transport still holds keep their buffers until xfer_destroy (the
+         * old comm must be destroyed before that); their handles are never used again */
+        while (x->zombies) {
+            xf *t = x->zombies;
+            x->zombies = t->next;
+            t->next = x->orphans;
+            x->orphans = t;
+        }
     }
     x->comm = comm;
 }
@@ -658,6 +672,12 @@ void xfer_ship(xfer_t *x, int64_t id, int seq, int layer, int n_tokens)
         sum = xfer_checksum(p, body);
 #endif
         memcpy(p + body, &sum, sizeof sum);
+        if (layer == x->drop_layer) { /* a cut transfer, for the failure tests */
+            t->done[s] = 1;
+            t->n_done++;
+            t->n_posted++;
+            continue;
+        }
         comm_status cs = comm_isend(x->comm, lk->peer, (uint64_t)id, p, t->len[s], &t->ops[s]);
         if (cs != COMM_OK) {
             fail_xf(x, t, XFER_EV_FAILED, "transfer %lld: send layer %d to rank %d: %s: %s",

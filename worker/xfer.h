@@ -21,6 +21,10 @@
  * event; a send not complete by then is abandoned with XFER_EV_FAILED. Either way every
  * block and buffer it held is released.
  *
+ * Fault injection (tests): with DUET_FAULT_DROP_LAYER=L in the environment, the sender
+ * packs layer L but never sends it and counts it as sent, as a transfer cut on the wire
+ * would look to the receiver (whose lease then expires).
+ *
  * Threads: one thread (the worker's loop). xfer_ship may run inside the scheduler's layer
  * hook (it only reads the KV cache).
  */
@@ -80,7 +84,9 @@ xfer_status xfer_new(kv_cache_t *kv, xfer_t **out);
 /* Drops every transfer (their blocks freed, operations cancelled); NULLs *self_p. */
 void xfer_destroy(xfer_t **self_p);
 /* The data plane (borrowed), or NULL. Changing it drops every transfer in flight (each gets
- * an XFER_EV_FAILED event). */
+ * an XFER_EV_FAILED event). Buffers of sends that the old transport may still read are kept
+ * until xfer_destroy, so the order at the end is: xfer_set_comm(x, NULL), comm_destroy,
+ * xfer_destroy. */
 void xfer_set_comm(xfer_t *x, comm_t *comm);
 
 /* ---- decode side -------------------------------------------------------------------------- */
