@@ -76,8 +76,9 @@ static int teardown(void **state)
     fix *f = *state;
     model_ctx_destroy(&f->ctx);
     for (int r = 0; r < NR; r++) {
-        xfer_destroy(&f->x[r]);
+        xfer_set_comm(f->x[r], NULL);
         comm_destroy(&f->comm[r]);
+        xfer_destroy(&f->x[r]);
         kv_destroy(&f->kv[r]);
         model_destroy(&f->m[r]);
     }
