@@ -161,6 +161,7 @@ bench: all $(DEFAULT_MODEL)
 	@BUILD=$(BUILD) scripts/run-bench $(filter-out %/bench_model %/bench_serve,$(BENCH_BIN))
 	@BUILD=$(BUILD) scripts/bench-model
 	@BUILD=$(BUILD) scripts/bench-serve
+	@BUILD=$(BUILD) scripts/bench-disagg
 
 setup:
 	scripts/setup

@@ -61,6 +61,8 @@ typedef struct {
     uint64_t seed, salt;
     int prompt_min, prompt_max;  /* prompt tokens, inclusive */
     int output_min, output_max;  /* max_tokens, inclusive */
+    int mix;                     /* --mix: even requests answer in 8..16 tokens, odd ones have
+                                    16..32-token prompts */
     int id_lo, id_hi;            /* token ids in [id_lo, id_hi) */
     double wait_ready_s;
     int timeout_ms;              /* longest wait for one event */
@@ -116,6 +118,12 @@ static void lengths(const options *o, int i, int *prompt, int *output)
     mix(&s);
     *prompt = uniform(&s, o->prompt_min, o->prompt_max);
     *output = uniform(&s, o->output_min, o->output_max);
+    if (o->mix) { /* long prompts with short answers, short prompts with long answers */
+        if (i % 2 == 0)
+            *output = uniform(&s, 8, 16);
+        else
+            *prompt = uniform(&s, 16, 32);
+    }
 }
 
 /* Request i's prompt ids at concurrency n. */
@@ -361,10 +369,12 @@ static void print_table(const options *o, const level_stats *s, int n)
 {
     printf("Workload: closed loop, N clients (one thread and one libduet connection each, one "
            "request in flight per client); %s; prompt %d..%d token ids, output %d..%d tokens "
-           "(uniform, seed %llu, ignore_eos), greedy, streamed.\n",
+           "(uniform, seed %llu, ignore_eos%s), greedy, streamed.\n",
            o->duration_s > 0 ? "requests sent for a fixed duration" : "fixed number of requests",
            o->prompt_min, o->prompt_max, o->output_min, o->output_max,
-           (unsigned long long)o->seed);
+           (unsigned long long)o->seed,
+           o->mix ? "; --mix: even requests answer in 8..16 tokens, odd ones have 16..32-token "
+                    "prompts" : "");
     printf("Latency cells: client-side ms (duetd's own timings in parentheses); TPOT excludes "
            "the first token.\n\n");
     printf("| clients | requests | errors | wall s | req/s | output tok/s | total tok/s "
@@ -462,7 +472,9 @@ static void usage(void)
             "  --salt X        changes the prompt ids, not the lengths [0]\n"
             "  --wait-ready S  first wait up to S seconds for duetd's health to be ok\n"
             "  --timeout S     longest wait for one reply [600]\n"
-            "  --json          one JSON document instead of the Markdown tables\n",
+            "  --json          one JSON document instead of the Markdown tables\n"
+            "  --mix           a mixed workload: even requests keep their prompt and answer in\n"
+            "                  8..16 tokens, odd ones keep their output with 16..32-token prompts\n",
             DUET_ENDPOINT_ENV, DUET_DEFAULT_ENDPOINT);
 }
 
@@ -530,6 +542,10 @@ int main(int argc, char **argv)
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         int takes = 1;
+        if (!strcmp(a, "--mix")) {
+            o.mix = 1;
+            continue;
+        }
         if (!strcmp(a, "--json")) {
             o.json = 1;
             takes = 0;
