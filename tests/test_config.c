@@ -204,7 +204,7 @@ static void test_shipped_documents_every_key(void **state)
         assert_non_null(strstr(conf, want));
         keys++;
     }
-    assert_int_equal(keys, 5 + 12 + 9);
+    assert_int_equal(keys, 5 + 13 + 9);
     free(conf);
     free(dump);
     config_free(&cfg);
@@ -522,8 +522,8 @@ static void test_unknown_keys(void **state)
                 "test.conf:6: [group main] kvbudget: unknown key; did you mean 'kv_budget'? (expected one of: role, tp_size, devices, threads, kv_budget, max_batch_tokens, max_seqs, transport, data_endpoint)",
                 "test.conf:7: [group main] log_level: unknown key; it belongs in [daemon] (expected one of: role, tp_size, devices, threads, kv_budget, max_batch_tokens, max_seqs, transport, data_endpoint)",
                 "test.conf:8: [group main] colour: unknown key (expected one of: role, tp_size, devices, threads, kv_budget, max_batch_tokens, max_seqs, transport, data_endpoint)",
-                "test.conf:10: [daemon] heartbeat: unknown key; did you mean 'heartbeat_ms'? (expected one of: client_endpoint, worker_endpoint, heartbeat_ms, dead_after, queue_limit, when_full, max_prompt_tokens, max_tokens_default, max_tokens_limit, client_buffer_bytes, request_timeout_ms, log_level)",
-                "test.conf:11: [daemon] Queue_Limit: unknown key; did you mean 'queue_limit'? (expected one of: client_endpoint, worker_endpoint, heartbeat_ms, dead_after, queue_limit, when_full, max_prompt_tokens, max_tokens_default, max_tokens_limit, client_buffer_bytes, request_timeout_ms, log_level)",
+                "test.conf:10: [daemon] heartbeat: unknown key; did you mean 'heartbeat_ms'? (expected one of: client_endpoint, worker_endpoint, heartbeat_ms, dead_after, queue_limit, when_full, max_prompt_tokens, max_tokens_default, max_tokens_limit, client_buffer_bytes, request_timeout_ms, transfer_lease_ms, log_level)",
+                "test.conf:11: [daemon] Queue_Limit: unknown key; did you mean 'queue_limit'? (expected one of: client_endpoint, worker_endpoint, heartbeat_ms, dead_after, queue_limit, when_full, max_prompt_tokens, max_tokens_default, max_tokens_limit, client_buffer_bytes, request_timeout_ms, transfer_lease_ms, log_level)",
                 NULL);
 }
 
@@ -822,7 +822,7 @@ static void test_doc(void **state)
     fclose(m);
     int rows = 0;
     for (const char *p = text; (p = strstr(p, "\n| [")); p++) rows++;
-    assert_int_equal(rows, 5 + 12 + 9);
+    assert_int_equal(rows, 5 + 13 + 9);
     assert_non_null(strstr(text, "| [daemon] | `dead_after` | integer | an integer in 3..5 | 4 | yes |"));
     assert_non_null(strstr(text, "| [model] | `path` | path | the path of a readable GGUF file | (required) | no |"));
     free(text);
