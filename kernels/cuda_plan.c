@@ -643,7 +643,7 @@ kv_config cuda_plan_kv_config(const cuda_plan *p)
     c.kv_head0 = p->sh.kv_head0;
     c.head_dim = p->hp.head_dim;
     c.block_tokens = p->cfg.block_tokens;
-    c.dtype = DTYPE_F16;
+    c.dtype = DTYPE_I8; /* the smallest host pool: its data is never used, only its books */
     c.max_seqs = 0;
     c.budget_bytes = kv_block_bytes(&c) * (size_t)p->kv.n_blocks;
     return c;

@@ -235,8 +235,9 @@ int cuda_plan_make(const model_t *m, const cuda_model_config *cfg, size_t mem_fr
                    cuda_plan *out, char *err, size_t errlen);
 void cuda_plan_free(cuda_plan *p);
 /* The host kv/ configuration that keeps the books of this device pool: same layers,
- * heads, block_tokens, and a budget that gives exactly kv.n_blocks blocks (its dtype is
- * f16; its host data is not used by the GPU engine). */
+ * heads, block_tokens, and a budget that gives exactly kv.n_blocks blocks. Its dtype is
+ * int8, the smallest: its host data (about half the device pool's bytes for an f16
+ * pool) is allocated by kv_new but never used by the GPU engine. */
 kv_config cuda_plan_kv_config(const cuda_plan *p);
 
 /* ---- attention work ---------------------------------------------------------------------------- */
