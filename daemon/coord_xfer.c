@@ -378,7 +378,10 @@ int coord_xfer_failed(coord_t *c, cworker *w, const proto_failed *f)
     if (from_d && r->xstate == XS_DECODING && r->got_kv_ack && f->code != PROTO_ERR_TRANSFER_FAILED &&
         f->code != PROTO_ERR_LEASE_EXPIRED)
         return 0;
-    const int avoid = from_p ? r->pgroup : r->group;
+    /* a transfer that broke or timed out at the decode side may be the sender's fault:
+     * the retry avoids the prefill group (another decode group is free to be picked) */
+    const int avoid = from_p || f->code == PROTO_ERR_TRANSFER_FAILED || f->code == PROTO_ERR_LEASE_EXPIRED
+                          ? r->pgroup : r->group;
     char why[PROTO_MAX_TEXT];
     snprintf(why, sizeof why, "%s group's worker %s failed transfer %lld: %s: %s", from_p ? "the prefill" : "the decode",
              w->worker_id, (long long)r->xfer, proto_code_name(f->code), f->message ? f->message : "");

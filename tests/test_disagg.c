@@ -48,20 +48,7 @@ typedef struct {
     int n_p, n_d;
 } cluster;
 
-static void show_log(const char *name)
-{
-    char path[700], line[512];
-    snprintf(path, sizeof path, "%s/%s.log", tmpdir, name);
-    FILE *f = fopen(path, "r");
-    if (!f) return;
-    fprintf(stderr, "---- %s (last lines)\n", path);
-    long lines = 0;
-    while (fgets(line, sizeof line, f)) lines++;
-    rewind(f);
-    for (long i = 0; fgets(line, sizeof line, f); i++)
-        if (i >= lines - 25) fputs(line, stderr);
-    fclose(f);
-}
+static void show_log(const char *name) { tu_show_log(tmpdir, name, 25); }
 
 static void show_logs(const cluster *cl)
 {
@@ -74,16 +61,7 @@ static void show_logs(const cluster *cl)
     show_log("mpirun");
 }
 
-static const char *words[] = {"the", "river", "quantum", "bread", "Paris", "seven", "engine",
-                              "music", "history", "green", "winter", "code", "light", "stone"};
 
-static void make_prompt(char *buf, size_t cap, int i)
-{
-    int n_words = 3 + (i * 37) % 90; /* mixed lengths: 3..92 words */
-    size_t off = (size_t)snprintf(buf, cap, "Request %d:", i);
-    for (int w = 0; w < n_words && off + 16 < cap; w++)
-        off += (size_t)snprintf(buf + off, cap - off, " %s", words[(i * 7 + w * 3) % 14]);
-}
 
 static int setup(void **state)
 {
@@ -105,7 +83,7 @@ static int setup(void **state)
     }
     /* the reference answers, once */
     for (int i = 0; i < N_REQ; i++) {
-        make_prompt(prompts[i], sizeof prompts[i], i);
+        tu_mixed_prompt(prompts[i], sizeof prompts[i], i);
         max_tok[i] = 4 + (i * 13) % 37; /* 4..40 */
         n_ref[i] = tu_generate_ids(build, model, tmpdir, prompts[i], max_tok[i], "-t 2", refs[i], 64);
         if (n_ref[i] < 1) return -1;
@@ -362,7 +340,7 @@ static void kill_and_check(cluster *cl, int victim, kill_when when, int long_pro
         if (long_prompts) { /* several prefill chunks each */
             size_t off = (size_t)snprintf(lp[i], sizeof lp[i], "Story %d:", i);
             for (int w = 0; w < 500 && off + 16 < sizeof lp[i]; w++)
-                off += (size_t)snprintf(lp[i] + off, sizeof lp[i] - off, " %s", words[(i * 5 + w * 7) % 14]);
+                off += (size_t)snprintf(lp[i] + off, sizeof lp[i] - off, " %s", tu_word(i * 5 + w * 7));
             p.prompt = lp[i];
             p.max_tokens = 8;
         } else {

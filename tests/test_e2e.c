@@ -40,20 +40,6 @@ static pid_t duetd_pid = -1, worker_pid = -1;
 
 
 
-static void show_log(const char *name)
-{
-    char path[600], line[512];
-    snprintf(path, sizeof path, "%s/%s.log", tmpdir, name);
-    FILE *f = fopen(path, "r");
-    if (!f) return;
-    fprintf(stderr, "---- %s (last lines)\n", path);
-    long lines = 0;
-    while (fgets(line, sizeof line, f)) lines++;
-    rewind(f);
-    for (long i = 0; fgets(line, sizeof line, f); i++)
-        if (i >= lines - 15) fputs(line, stderr);
-    fclose(f);
-}
 
 static int setup(void **state)
 {
@@ -106,8 +92,8 @@ static int setup(void **state)
     duet_destroy(&c);
     if (!ok) {
         fprintf(stderr, "e2e: duetd did not become healthy within 60 s\n");
-        show_log("duetd");
-        show_log("worker");
+        tu_show_log(tmpdir, "duetd", 15);
+        tu_show_log(tmpdir, "worker", 15);
         return -1;
     }
     return 0;
@@ -119,24 +105,15 @@ static int teardown(void **state)
     int rw = tu_stop(&worker_pid, 15000), rd = tu_stop(&duetd_pid, 15000);
     if (rw != 0 || rd != 0) {
         fprintf(stderr, "e2e: shutdown: duet-worker exit %d, duetd exit %d\n", rw, rd);
-        show_log("duetd");
-        show_log("worker");
+        tu_show_log(tmpdir, "duetd", 15);
+        tu_show_log(tmpdir, "worker", 15);
     }
     if (tu_rmtree(tmpdir) != 0) return -1;
     return rw == 0 && rd == 0 ? 0 : -1;
 }
 
 
-static const char *words[] = {"the", "river", "quantum", "bread", "Paris", "seven", "engine",
-                              "music", "history", "green", "winter", "code", "light", "stone"};
 
-static void make_prompt(char *buf, size_t cap, int i)
-{
-    int n_words = 3 + (i * 37) % 90; /* mixed lengths: 3..92 words */
-    size_t off = (size_t)snprintf(buf, cap, "Request %d:", i);
-    for (int w = 0; w < n_words && off + 16 < cap; w++)
-        off += (size_t)snprintf(buf + off, cap - off, " %s", words[(i * 7 + w * 3) % 14]);
-}
 
 /* The 32 requests and duet generate's answers to them (kept for the Python client's test). */
 static char prompts[N_REQ][1024];
@@ -150,7 +127,7 @@ static void test_concurrent_equal_generate(void **state)
     assert_int_equal(duet_connect(endpoint, NULL, &c, NULL), DUET_OK);
     duet_request *req[N_REQ];
     for (int i = 0; i < N_REQ; i++) {
-        make_prompt(prompts[i], sizeof prompts[i], i);
+        tu_mixed_prompt(prompts[i], sizeof prompts[i], i);
         duet_params p;
         duet_params_init(&p);
         p.prompt = prompts[i];
@@ -164,8 +141,8 @@ static void test_concurrent_equal_generate(void **state)
         const duet_result *r = NULL;
         duet_error err;
         if (duet_wait(req[i], 120000, &r, &err) != DUET_OK) {
-            show_log("duetd");
-            show_log("worker");
+            tu_show_log(tmpdir, "duetd", 15);
+            tu_show_log(tmpdir, "worker", 15);
             fail_msg("request %d: %s", i, err.message);
         }
         int32_t *ref = refs[i];
@@ -195,7 +172,7 @@ static void test_prefix_cache_and_session(void **state)
     assert_int_equal(duet_connect(endpoint, NULL, &c, NULL), DUET_OK);
     static char a[8192], b[8192];
     size_t off = 0;
-    for (int w = 0; w < 300; w++) off += (size_t)snprintf(a + off, sizeof a - off, "%s ", words[(w * 5) % 14]);
+    for (int w = 0; w < 300; w++) off += (size_t)snprintf(a + off, sizeof a - off, "%s ", tu_word(w * 5));
     memcpy(b, a, off);
     snprintf(a + off, sizeof a - off, "First question?");
     snprintf(b + off, sizeof b - off, "Another, different question?");

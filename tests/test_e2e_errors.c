@@ -79,20 +79,7 @@ static fixture tiny_fx, kill_fx;
 /* ---- processes --------------------------------------------------------------------------- */
 
 
-static void show_log(const fixture *fx, const char *name)
-{
-    char path[600], line[512];
-    snprintf(path, sizeof path, "%s/%s.log", fx->tmpdir, name);
-    FILE *f = fopen(path, "r");
-    if (!f) return;
-    fprintf(stderr, "---- %s (last lines)\n", path);
-    long lines = 0;
-    while (fgets(line, sizeof line, f)) lines++;
-    rewind(f);
-    for (long i = 0; fgets(line, sizeof line, f); i++)
-        if (i >= lines - 20) fputs(line, stderr);
-    fclose(f);
-}
+static void show_log(const fixture *fx, const char *name) { tu_show_log(fx->tmpdir, name, 20); }
 
 static void show_logs(const fixture *fx)
 {

@@ -1489,9 +1489,19 @@ static int on_cancel(wrk_t *w, const json_t *body)
         proto_wcancel_free(&c);
         return rc;
     }
+    live_req *lr = live_find(w, c.rid);
     sched_status st = sched_cancel(w->sched, (uint64_t)c.rid);
     /* Unknown: its finished or failed is already on its way (PROTOCOL.md). */
     LOG_D(w, "cancel rid %" PRId64 ": %s", c.rid, st == SCHED_OK ? "cancelled" : "not running");
+    if (lr && (st == SCHED_OK || (lr->role == PROTO_ROLE_PREFILL && lr->done))) {
+        /* Done with it now, not at the next step: duetd may assign the rid here again at
+         * once (a retry), and the scheduler's own FINISHED finds no entry and is dropped. */
+        const int gen = lr->gen0;
+        if (lr->role == PROTO_ROLE_PREFILL) xfer_release(w->xfer, lr->xfer);
+        const int answer = st == SCHED_OK;
+        live_del(w, lr);
+        if (answer) rc = send_finished(w, c.rid, PROTO_FINISH_CANCELLED, gen, 0);
+    }
     proto_wcancel_free(&c);
     return rc;
 }

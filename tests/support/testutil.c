@@ -117,3 +117,32 @@ int tu_stop(pid_t *pid, int timeout_ms)
     *pid = -1;
     return -1;
 }
+
+void tu_show_log(const char *dir, const char *name, int n)
+{
+    char path[700], line[512];
+    snprintf(path, sizeof path, "%s/%s.log", dir, name);
+    FILE *f = fopen(path, "r");
+    if (!f) return;
+    fprintf(stderr, "---- %s (last lines)\n", path);
+    long lines = 0;
+    while (fgets(line, sizeof line, f)) lines++;
+    rewind(f);
+    for (long i = 0; fgets(line, sizeof line, f); i++)
+        if (i >= lines - n) fputs(line, stderr);
+    fclose(f);
+}
+
+static const char *const tu_words[] = {"the",   "river",   "quantum", "bread", "Paris",
+                                       "seven", "engine",  "music",   "history", "green",
+                                       "winter", "code",   "light",   "stone"};
+
+const char *tu_word(int k) { return tu_words[k % 14]; }
+
+void tu_mixed_prompt(char *buf, size_t cap, int i)
+{
+    int n_words = 3 + (i * 37) % 90; /* mixed lengths: 3..92 words */
+    size_t off = (size_t)snprintf(buf, cap, "Request %d:", i);
+    for (int w = 0; w < n_words && off + 16 < cap; w++)
+        off += (size_t)snprintf(buf + off, cap - off, " %s", tu_word(i * 7 + w * 3));
+}

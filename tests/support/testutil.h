@@ -27,5 +27,11 @@ pid_t tu_spawn(char *const argv[], const char *log);
 /* SIGTERM *pid and wait up to timeout_ms: its exit status (128 + signal when killed by
  * one), or -1 when it had to be SIGKILLed. *pid becomes -1. 0 when *pid <= 0. */
 int tu_stop(pid_t *pid, int timeout_ms);
+/* Print the last n lines of DIR/NAME.log to stderr (nothing when it does not exist). */
+void tu_show_log(const char *dir, const char *name, int n);
+/* The end-to-end suites' prompt i: "Request i:" and 3..92 words (mixed lengths). */
+void tu_mixed_prompt(char *buf, size_t cap, int i);
+/* Word k of the suites' small vocabulary (any k >= 0). */
+const char *tu_word(int k);
 
 #endif
