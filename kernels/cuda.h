@@ -203,6 +203,10 @@ typedef struct {
     int64_t ldo;
     float scale;
     float *partial;
+    int tensor_cores;  /* 1: with rows_per_tile > 1 (prefill), n_splits 1 and head_dim 64 or
+                        * 128, take the bf16 tensor-core kernel (Q, K, V and the softmax
+                        * weights rounded to bf16, f32 accumulation: the BF16 mode's
+                        * prefill); 0: f32 throughout */
 } cuda_attn_args;
 int cuda_op_attention(const cuda_attn_args *a, cuda_stream s, duet_cuda_err *err);
 /* The head dimensions and group sizes the attention kernel takes (shared-memory limits):

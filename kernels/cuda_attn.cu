@@ -17,8 +17,16 @@
  *
  * Arithmetic: f32 throughout, scores = (q . k) * scale, expf. The CPU (kernels/attn.c)
  * does an exact two-pass softmax in llama.cpp's order; the two agree to float rounding.
+ *
+ * Tensor cores (args.tensor_cores, head_dim 64 or 128, no split): a second kernel for
+ * the BF16 mode's prefill. 64 rows per block (4 warps of 16), Q, K, V and the weights in
+ * bf16 in shared memory, products on the tensor cores (WMMA 16x16x16, f32 accumulation).
+ * Two passes over the keys, so the output never needs rescaling and stays in the
+ * warps' accumulator fragments: the first finds each row's max and sum, the second adds
+ * the normalized weights times the values. K is read twice; the FLOPs of Q.K^T too.
  */
 #include <math.h>
+#include <mma.h>
 
 #include "kernels/cuda_kv.cuh"
 #include "kernels/cuda_plan.h"
@@ -208,6 +216,194 @@ __global__ void attn_combine_kernel(const float *partial, int n_head, int n_spli
     }
 }
 
+
+/* ---- tensor-core kernel (bf16 operands, f32 accumulation) ---------------------------------- */
+
+#define TC_ROWS 64 /* rows per block: 4 warps x 16 */
+
+template <int HD>
+struct tc_layout {
+    static constexpr int LQ = HD + 8;   /* bf16 row stride of Q, K, V (a multiple of 8) */
+    static constexpr int LS = KT + 4;   /* f32 row stride of the scores */
+    static constexpr int LP = KT + 8;   /* bf16 row stride of the weights */
+    static constexpr int LO = HD + 4;   /* f32 row stride of the output (over Q..P at the end) */
+    static constexpr size_t rowstats = 2 * TC_ROWS * sizeof(float);
+    static constexpr size_t loop = (size_t)(TC_ROWS + 2 * KT) * LQ * 2 + (size_t)TC_ROWS * LS * 4 +
+                                   (size_t)TC_ROWS * LP * 2;
+    static constexpr size_t out = (size_t)TC_ROWS * LO * 4;
+    static constexpr size_t bytes = rowstats + (loop > out ? loop : out);
+};
+
+/* Keys [j0, j0 + KT) of KV head h of one sequence into shared memory as bf16 (zeros past nk). */
+template <typename E, int HD>
+__device__ __forceinline__ void tc_load(const attn_p &p, const int32_t *table, int h, int j0, int nk,
+                                        __nv_bfloat16 *dst, const E *src, const float *scales)
+{
+    constexpr int LQ = tc_layout<HD>::LQ, U = HD / 8;
+    for (int u = threadIdx.x; u < KT * U; u += ATTN_THREADS) {
+        const int j = u / U, d0 = (u % U) * 8;
+        float v[8];
+        if (j < nk) {
+            const int pos = j0 + j;
+            const int64_t blk = table[pos / p.bt];
+            const int64_t r = (blk * p.n_kv + h) * p.bt + pos % p.bt;
+            load8<E>(src + r * HD + d0, v);
+            if (scales) {
+                const float sc = scales[r];
+                for (int c = 0; c < 8; c++) v[c] *= sc;
+            }
+        } else {
+            for (int c = 0; c < 8; c++) v[c] = 0.0f;
+        }
+        for (int c = 0; c < 8; c++) dst[j * LQ + d0 + c] = __float2bfloat16_rn(v[c]);
+    }
+}
+
+/* This warp's 16 rows of scores S = Q K^T for the current keys into sS (unscaled). */
+template <int HD>
+__device__ __forceinline__ void tc_scores(const __nv_bfloat16 *sQ, const __nv_bfloat16 *sK, float *sS, int r0)
+{
+    using namespace nvcuda;
+    constexpr int LQ = tc_layout<HD>::LQ, LS = tc_layout<HD>::LS;
+#pragma unroll
+    for (int n0 = 0; n0 < KT; n0 += 16) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+        for (int k0 = 0; k0 < HD; k0 += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;
+            wmma::load_matrix_sync(a, sQ + r0 * LQ + k0, LQ);
+            wmma::load_matrix_sync(b, sK + n0 * LQ + k0, LQ); /* K^T: column n is key n */
+            wmma::mma_sync(acc, a, b, acc);
+        }
+        wmma::store_matrix_sync(sS + r0 * LS + n0, acc, LS, wmma::mem_row_major);
+    }
+}
+
+template <typename E, int HD>
+__global__ void __launch_bounds__(ATTN_THREADS) attn_tc_kernel(attn_p p)
+{
+    using namespace nvcuda;
+    typedef tc_layout<HD> L;
+    extern __shared__ __align__(128) unsigned char smraw[];
+    float *sMax = (float *)smraw;                          /* [64] row max of the scaled scores */
+    float *sSum = sMax + TC_ROWS;                          /* [64] row sum of e^(s - max) */
+    __nv_bfloat16 *sQ = (__nv_bfloat16 *)(sSum + TC_ROWS); /* [64][LQ] */
+    __nv_bfloat16 *sK = sQ + TC_ROWS * L::LQ;              /* [KT][LQ] */
+    __nv_bfloat16 *sV = sK + KT * L::LQ;                   /* [KT][LQ] */
+    float *sS = (float *)(sV + KT * L::LQ);                /* [64][LS] */
+    __nv_bfloat16 *sP = (__nv_bfloat16 *)(sS + TC_ROWS * L::LS); /* [64][LP] */
+    float *sO = (float *)(sSum + TC_ROWS);                 /* [64][LO], after the loops */
+
+    const cuda_attn_tile tile = p.tiles[blockIdx.x];
+    const int h = blockIdx.y, G = p.group, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, r0 = warp * 16;
+    const int rows = tile.n_rows * G, kend = tile.pos0 + tile.n_rows, n_kt = (kend + KT - 1) / KT;
+    const int32_t *table = p.blocks + tile.bt_off;
+    const E *K = (const E *)p.k, *V = (const E *)p.v;
+
+    for (int e = tid; e < TC_ROWS * HD; e += ATTN_THREADS) {
+        const int r = e / HD, d = e % HD, i = r / G, g = r % G;
+        const float v = r < rows ? p.q[(int64_t)(tile.row0 + i) * p.ldq + (int64_t)(h * G + g) * HD + d] : 0.0f;
+        sQ[r * L::LQ + d] = __float2bfloat16_rn(v);
+    }
+    for (int r = tid; r < TC_ROWS; r += ATTN_THREADS) {
+        sMax[r] = -INFINITY;
+        sSum[r] = 0.0f;
+    }
+    __syncthreads();
+
+    /* pass 1: each row's max and sum (this warp owns rows r0 .. r0 + 15) */
+    for (int kt = 0; kt < n_kt; kt++) {
+        const int j0 = kt * KT, nk = min(KT, kend - j0);
+        tc_load<E, HD>(p, table, h, j0, nk, sK, K, p.k_scale);
+        __syncthreads();
+        tc_scores<HD>(sQ, sK, sS, r0);
+        __syncwarp();
+        for (int rr = 0; rr < 16; rr++) {
+            const int r = r0 + rr, qpos = tile.pos0 + r / G;
+            const bool live = r < rows && lane < nk && j0 + lane <= qpos;
+            const float s = live ? sS[r * L::LS + lane] * p.scale : -INFINITY;
+            const float m_old = sMax[r], m_new = fmaxf(m_old, warp_max(s));
+            if (m_new > -INFINITY) {
+                const float sum = warp_sum(live ? expf(s - m_new) : 0.0f);
+                if (lane == 0) {
+                    sSum[r] = fmaf(sSum[r], expf(m_old - m_new), sum);
+                    sMax[r] = m_new;
+                }
+            }
+            __syncwarp();
+        }
+        __syncthreads();
+    }
+
+    /* pass 2: O = sum over keys of (e^(s - max) / sum) * V, in the warps' fragments */
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[HD / 16];
+#pragma unroll
+    for (int f = 0; f < HD / 16; f++) wmma::fill_fragment(acc[f], 0.0f);
+    for (int kt = 0; kt < n_kt; kt++) {
+        const int j0 = kt * KT, nk = min(KT, kend - j0);
+        tc_load<E, HD>(p, table, h, j0, nk, sK, K, p.k_scale);
+        tc_load<E, HD>(p, table, h, j0, nk, sV, V, p.v_scale);
+        __syncthreads();
+        tc_scores<HD>(sQ, sK, sS, r0);
+        __syncwarp();
+        for (int rr = 0; rr < 16; rr++) {
+            const int r = r0 + rr, qpos = tile.pos0 + r / G;
+            const bool live = r < rows && lane < nk && j0 + lane <= qpos && sSum[r] > 0.0f;
+            const float w = live ? expf(sS[r * L::LS + lane] * p.scale - sMax[r]) / sSum[r] : 0.0f;
+            sP[r * L::LP + lane] = __float2bfloat16_rn(w);
+        }
+        __syncwarp();
+#pragma unroll
+        for (int k0 = 0; k0 < KT; k0 += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+            wmma::load_matrix_sync(a, sP + r0 * L::LP + k0, L::LP);
+#pragma unroll
+            for (int f = 0; f < HD / 16; f++) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
+                wmma::load_matrix_sync(b, sV + k0 * L::LQ + f * 16, L::LQ);
+                wmma::mma_sync(acc[f], a, b, acc[f]);
+            }
+        }
+        __syncthreads();
+    }
+
+    /* out: through shared memory (over Q .. P, all dead now) to the rows' heads */
+#pragma unroll
+    for (int f = 0; f < HD / 16; f++) wmma::store_matrix_sync(sO + r0 * L::LO + f * 16, acc[f], L::LO, wmma::mem_row_major);
+    __syncthreads();
+    for (int e = tid; e < rows * HD; e += ATTN_THREADS) {
+        const int r = e / HD, d = e % HD, i = r / G, g = r % G;
+        const int64_t o = (int64_t)(tile.row0 + i) * p.ldo + (int64_t)(h * G + g) * HD + d;
+        const float v = sO[r * L::LO + d];
+        if (p.out_bf16)
+            ((__nv_bfloat16 *)p.out)[o] = __float2bfloat16_rn(v);
+        else
+            ((float *)p.out)[o] = v;
+    }
+}
+
+template <typename E, int HD>
+static int launch_tc(const attn_p &p, int n_tiles, cudaStream_t st, duet_cuda_err *err)
+{
+    const size_t smem = tc_layout<HD>::bytes;
+    if (smem > 48 * 1024)
+        CUDA_CHECK(err, cudaFuncSetAttribute(attn_tc_kernel<E, HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             (int)smem));
+    attn_tc_kernel<E, HD><<<dim3((unsigned)n_tiles, (unsigned)p.n_kv), ATTN_THREADS, smem, st>>>(p);
+    LAUNCH_CHECK(err, "attn_tc_kernel");
+    return 0;
+fail:
+    return -1;
+}
+
+template <typename E>
+static int launch_tc_hd(const attn_p &p, int n_tiles, cudaStream_t st, duet_cuda_err *err)
+{
+    return p.hd == 64 ? launch_tc<E, 64>(p, n_tiles, st, err) : launch_tc<E, 128>(p, n_tiles, st, err);
+}
+
 template <typename E>
 static int launch(const attn_p &p, int n_tiles, size_t smem, cudaStream_t st, duet_cuda_err *err)
 {
@@ -266,6 +462,19 @@ extern "C" int cuda_op_attention(const cuda_attn_args *a, cuda_stream s, duet_cu
     p.scale = a->scale;
     p.partial = a->partial;
     smem = attn_smem_bytes(p.max_rows, p.hd);
+    /* tensor cores for prefill (tiles of several tokens); decode stays on the one-pass
+     * kernel, which reads K once */
+    if (a->tensor_cores && a->rows_per_tile > 1 && p.n_splits == 1 && (p.hd == 64 || p.hd == 128) &&
+        p.max_rows <= TC_ROWS) {
+        switch (kv->type) {
+        case CUDA_KV_F32: rc = launch_tc_hd<float>(p, a->n_tiles, duet_stream(s), err); break;
+        case CUDA_KV_F16: rc = launch_tc_hd<__half>(p, a->n_tiles, duet_stream(s), err); break;
+        case CUDA_KV_BF16: rc = launch_tc_hd<__nv_bfloat16>(p, a->n_tiles, duet_stream(s), err); break;
+        case CUDA_KV_FP8: rc = launch_tc_hd<__nv_fp8_e4m3>(p, a->n_tiles, duet_stream(s), err); break;
+        default: ARG_CHECK(err, 0, "cuda_op_attention: unknown KV type %d", (int)kv->type);
+        }
+        return rc;
+    }
     switch (kv->type) {
     case CUDA_KV_F32: rc = launch<float>(p, a->n_tiles, smem, duet_stream(s), err); break;
     case CUDA_KV_F16: rc = launch<__half>(p, a->n_tiles, smem, duet_stream(s), err); break;

@@ -76,6 +76,16 @@ static int from_cuda_err(const duet_cuda_err *e, char *err, size_t errlen, const
     return -1;
 }
 
+/* The model's device, current for the calling thread (a worker may call from another
+ * thread than the one that loaded it). */
+static int use_device(const cuda_model_t *cm, char *err, size_t errlen)
+{
+    const cudaError_t st = cudaSetDevice(cm->dev.index);
+    if (st == cudaSuccess) return 0;
+    set_errs(err, errlen, "cudaSetDevice(%d) failed: %s", cm->dev.index, cudaGetErrorString(st));
+    return -1;
+}
+
 /* ---- load ----------------------------------------------------------------------------------- */
 
 static int upload_weights(cuda_model_t *cm, duet_cuda_err *e)
@@ -195,7 +205,10 @@ extern "C" void cuda_model_destroy(cuda_model_t **self_p)
 {
     if (!self_p || !*self_p) return;
     cuda_model_t *cm = *self_p;
-    if (cm->stream) (void)cudaStreamSynchronize(cm->stream);
+    if (cm->stream) {
+        (void)cudaSetDevice(cm->dev.index);
+        (void)cudaStreamSynchronize(cm->stream);
+    }
     if (cm->graphs)
         for (int i = 0; i < cm->plan.cfg.max_graphs; i++)
             if (cm->graphs[i].exec) (void)cudaGraphExecDestroy(cm->graphs[i].exec);
@@ -357,6 +370,7 @@ static int enqueue_layers(cuda_model_t *cm, const step_shape *sh, duet_cuda_err 
         a.ldo = nq;
         a.scale = 1.0f / sqrtf((float)hd);
         a.partial = (float *)(cm->WS + p->ws.partial);
+        a.tensor_cores = !exact;
         if (cuda_op_attention(&a, cm->stream, e) != 0) return -1;
         cm->aq.src = NULL;
         if (gemm_residual(cm, &L->o, xa, nq, T, x, e) != 0) return -1;
@@ -456,6 +470,7 @@ fail:
 extern "C" int cuda_model_forward(cuda_model_t *cm, kv_cache_t *kv, const model_seq_batch *b, int n_seqs,
                                   float *logits, char *err, size_t errlen)
 {
+    if (use_device(cm, err, errlen) != 0) return -1;
     duet_cuda_err e = {0, {0}};
     const cuda_plan *p = &cm->plan;
     const cuda_ws_plan *ws = &p->ws;
@@ -590,6 +605,7 @@ fail:
 extern "C" int cuda_model_sample(cuda_model_t *cm, const cuda_sample_req *reqs, int n, int32_t *tokens, char *err,
                                  size_t errlen)
 {
+    if (use_device(cm, err, errlen) != 0) return -1;
     duet_cuda_err e = {0, {0}};
     const cuda_plan *p = &cm->plan;
     const int n_vocab = p->hp.n_vocab, R = p->cfg.max_logit_rows;
@@ -666,6 +682,7 @@ fail:
 
 extern "C" int cuda_model_kv_copy_block(cuda_model_t *cm, int src, int dst, char *err, size_t errlen)
 {
+    if (use_device(cm, err, errlen) != 0) return -1;
     duet_cuda_err e = {0, {0}};
     const cuda_kv_plan *kp = &cm->plan.kv;
     const size_t rows = (size_t)kp->n_kv_head * kp->block_tokens, data = rows * kp->head_dim * kp->elt_bytes;
@@ -695,6 +712,7 @@ fail:
 
 extern "C" int cuda_model_kv_fill_random(cuda_model_t *cm, float amp, uint64_t seed, char *err, size_t errlen)
 {
+    if (use_device(cm, err, errlen) != 0) return -1;
     duet_cuda_err e = {0, {0}};
     const cuda_kv_plan *kp = &cm->plan.kv;
     const size_t n = kp->data_bytes / kp->elt_bytes, rows = kp->scale_bytes / sizeof(float);
@@ -737,6 +755,7 @@ static float host_elt(cuda_kv_type t, const uint8_t *p)
 extern "C" int cuda_model_kv_read(cuda_model_t *cm, int layer, int block, int slot, float *k, float *v, char *err,
                                   size_t errlen)
 {
+    if (use_device(cm, err, errlen) != 0) return -1;
     duet_cuda_err e = {0, {0}};
     const cuda_kv_plan *kp = &cm->plan.kv;
     const int hd = kp->head_dim, nkv = kp->n_kv_head;
