@@ -369,7 +369,7 @@ static void kill_and_check(cluster *cl, int victim, kill_when when, int long_pro
     int st;
     waitpid(cl->workers[victim], &st, 0);
     cl->workers[victim] = -1;
-    int ok = 0, failed = 0, retried = 0;
+    int ok = 0, failed = 0, retried = 0, retried_same = 0;
     for (int i = 0; i < N; i++) {
         const duet_result *r = NULL;
         duet_error err;
@@ -384,17 +384,23 @@ static void kill_and_check(cluster *cl, int victim, kill_when when, int long_pro
         } else {
             ok++;
             retried += r->usage.retries > 0;
-            if (!long_prompts && (r->n_token_ids != n_ref[i] ||
-                                  memcmp(r->token_ids, refs[i], (size_t)n_ref[i] * sizeof(int32_t)) != 0))
-                fail_msg("%s: request %d completed with tokens that differ from duet generate's", what, i);
+            int same = r->n_token_ids == n_ref[i] &&
+                       memcmp(r->token_ids, refs[i], (size_t)n_ref[i] * sizeof(int32_t)) == 0;
+            /* A retried request recomputes the KV of its generated tokens as one prefill chunk
+             * instead of one decode step each; with the AVX2 kernels of quantized weights the
+             * last bits may differ (worker/sched.h), so only untouched requests must match. */
+            if (!long_prompts && !same && r->usage.retries == 0)
+                fail_msg("%s: request %d completed without a retry, with tokens that differ from duet "
+                         "generate's", what, i);
+            if (!long_prompts && r->usage.retries > 0) retried_same += same;
         }
         duet_request_free(&req[i]);
     }
     duet_destroy(&c);
     json_t *s = check_no_leaks(cl, what);
     json_decref(s);
-    printf("[ disagg   ] %s: %d completed (%d after a retry), %d clear errors, none hung; no block held after\n",
-           what, ok, retried, failed);
+    printf("[ disagg   ] %s: %d completed (%d after a retry, %d of those equal to duet generate's), %d clear "
+           "errors, none hung; no block held after\n", what, ok, retried, retried_same, failed);
     assert_int_equal(ok + failed, N);
     assert_true(ok > 0);
 }
