@@ -20,10 +20,11 @@
 
 __device__ __forceinline__ float clean(float l) { return isnan(l) ? -INFINITY : l; }
 
-/* Larger float <=> larger key (-inf smallest of the non-NaN values). */
+/* Larger float <=> larger key (-inf smallest of the non-NaN values; -0 is +0, as the
+ * CPU's comparisons have it). */
 __device__ __forceinline__ uint32_t key_of(float l)
 {
-    const uint32_t u = __float_as_uint(l);
+    const uint32_t u = l == 0.0f ? 0u : __float_as_uint(l);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 

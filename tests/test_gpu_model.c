@@ -13,7 +13,7 @@
  * - decode steps replayed from a CUDA graph give bit-identical logits to eager ones, and
  *   the graph is captured once per batch size;
  * - sampling on the device: greedy equals the argmax of the logits, top-k on the device,
- *   top-k off on the host, counted as such;
+ *   a row with more penalized tokens than the device takes on the host, counted as such;
  * - errors: a budget too small, a missing device, a batch beyond the plan, a block beyond
  *   the pool: clear messages;
  * - the default model (models/SmolLM2-135M-Instruct.Q4_1.gguf) and a ~1.2B-parameter
@@ -127,7 +127,7 @@ static void eng_cpu(eng *e, model_t *m, dtype_t kv_type, int threads)
     e->m = m;
     e->n_vocab = model_hparams_of(m)->n_vocab;
     assert_int_equal(model_ctx_new(m, 512, threads, &e->ctx), 0);
-    kv_config kc = model_kv_config(m, kv_type, (size_t)256 << 20);
+    kv_config kc = model_kv_config(m, kv_type, (size_t)512 << 20);
     assert_int_equal(kv_new(&kc, &e->kv), KV_OK);
 }
 
@@ -441,9 +441,12 @@ static void test_sampling(void **state)
     pg.temperature = 0.0f;
     pk.top_k = 40;
     pk.seed = 7;
-    ph.top_k = 0; /* the whole vocabulary: the host samples it */
-    ph.seed = 8;
+    ph.seed = 8; /* more distinct penalized tokens than the device takes: the host samples it */
     ph.repeat_penalty = 1.2f;
+    ph.repeat_last_n = -1;
+    int32_t hist[CUDA_PEN_MAX + 40];
+    for (int i = 0; i < CUDA_PEN_MAX + 40; i++) hist[i] = i % V;
+    assert_true(V > CUDA_PEN_MAX + 1);
     sampler_t *sg = NULL, *sk = NULL, *sh = NULL;
     assert_int_equal(sampler_new(&pg, V, &sg), 0);
     assert_int_equal(sampler_new(&pk, V, &sk), 0);
@@ -451,7 +454,7 @@ static void test_sampling(void **state)
     sample_rng before = *sampler_rng(sk);
     cuda_sample_req reqs[3] = {{.row = 0, .s = sg, .history = p[0], .n_history = 10},
                                {.row = 1, .s = sk, .history = p[1], .n_history = 10},
-                               {.row = 2, .s = sh, .history = p[2], .n_history = 10}};
+                               {.row = 2, .s = sh, .history = hist, .n_history = CUDA_PEN_MAX + 40}};
     int32_t tok[3];
     char err[256];
     if (cuda_model_sample(g.cm, reqs, 3, tok, err, sizeof err) != 0) fail_msg("cuda_model_sample: %s", err);
@@ -554,10 +557,12 @@ static void greedy_three_ways(model_t *m, const int32_t *prompt, int n_prompt, i
     int32_t *tc = malloc((size_t)n * 4), *tx = malloc((size_t)n * 4), *tb = malloc((size_t)n * 4);
     float *lc = malloc((size_t)V * 4), *lb = malloc((size_t)V * 4);
     eng cpu, gx, gb;
-    eng_cpu(&cpu, m, DTYPE_F16, threads);
+    /* f32 K/V on both sides of the exact comparison: a 16-bit rounding of K or V could fall
+     * differently on two sides that differ by float rounding */
+    eng_cpu(&cpu, m, DTYPE_F32, threads);
     greedy(&cpu, prompt, n_prompt, n, tc, lc);
     eng_free(&cpu);
-    eng_gpu(&gx, m, CUDA_PREC_EXACT, CUDA_KV_F16, 0, kv_bytes);
+    eng_gpu(&gx, m, CUDA_PREC_EXACT, CUDA_KV_F32, 0, 2 * kv_bytes);
     greedy(&gx, prompt, n_prompt, n, tx, NULL);
     eng_free(&gx);
     eng_gpu(&gb, m, CUDA_PREC_BF16, CUDA_KV_F16, 0, kv_bytes);
