@@ -58,6 +58,10 @@ struct cuda_model {
     int last_rows;             /* logit rows of the last forward still on the device, or -1 */
     cuda_model_stats stats;
     actq_cache aq;
+    cuda_layer_fn progress;    /* per-layer hook, or NULL */
+    void *progress_user;
+    cudaEvent_t *layer_ev;     /* [n_layer] recorded after each layer's K/V store */
+    int capturing;             /* enqueueing into a graph: no hook */
 };
 
 static void set_errs(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -171,8 +175,11 @@ extern "C" int cuda_model_new(const model_t *m, const cuda_model_config *cfg, cu
         cm->pos0 = (int *)malloc((size_t)p->cfg.max_seqs * sizeof(int));
         cm->bt_off = (int *)malloc((size_t)p->cfg.max_seqs * sizeof(int));
         cm->graphs = (graph_slot *)calloc((size_t)p->cfg.max_graphs, sizeof *cm->graphs);
-        ARG_CHECK(&e, cm->row_h && cm->samp_map && cm->kvl && cm->n_new && cm->pos0 && cm->bt_off && cm->graphs,
-                  "out of host memory");
+        cm->layer_ev = (cudaEvent_t *)calloc((size_t)p->hp.n_layer, sizeof *cm->layer_ev);
+        ARG_CHECK(&e, cm->row_h && cm->samp_map && cm->kvl && cm->n_new && cm->pos0 && cm->bt_off && cm->graphs &&
+                  cm->layer_ev, "out of host memory");
+        for (int l = 0; l < p->hp.n_layer; l++)
+            CUDA_CHECK(&e, cudaEventCreateWithFlags(&cm->layer_ev[l], cudaEventDisableTiming));
         for (int l = 0; l < p->hp.n_layer; l++) {
             size_t ko, vo, kso, vso;
             cuda_kv_layer_offsets(&p->kv, l, &ko, &vo, &kso, &vso);
@@ -213,6 +220,10 @@ extern "C" void cuda_model_destroy(cuda_model_t **self_p)
         for (int i = 0; i < cm->plan.cfg.max_graphs; i++)
             if (cm->graphs[i].exec) (void)cudaGraphExecDestroy(cm->graphs[i].exec);
     free(cm->graphs);
+    if (cm->layer_ev)
+        for (int l = 0; l < cm->plan.hp.n_layer; l++)
+            if (cm->layer_ev[l]) (void)cudaEventDestroy(cm->layer_ev[l]);
+    free(cm->layer_ev);
     cuda_blas_destroy(&cm->blas);
     if (cm->meta_h) (void)cudaFreeHost(cm->meta_h);
     if (cm->samp_h) (void)cudaFreeHost(cm->samp_h);
@@ -240,6 +251,11 @@ extern "C" kv_config cuda_model_kv_config(const cuda_model_t *cm) { return cuda_
 extern "C" void cuda_model_set_collectives(cuda_model_t *cm, const cuda_collectives *c) { cm->coll = *c; }
 extern "C" cuda_stream cuda_model_stream(const cuda_model_t *cm) { return (cuda_stream)cm->stream; }
 extern "C" void cuda_model_get_stats(const cuda_model_t *cm, cuda_model_stats *out) { *out = cm->stats; }
+extern "C" void cuda_model_set_progress(cuda_model_t *cm, cuda_layer_fn fn, void *user)
+{
+    cm->progress = fn;
+    cm->progress_user = user;
+}
 
 /* ---- one step ---------------------------------------------------------------------------------- */
 
@@ -354,6 +370,14 @@ static int enqueue_layers(cuda_model_t *cm, const step_shape *sh, duet_cuda_err 
                                p->sh.n_head, cs, hp->rope_dims, rope.neox, meta + p->ws.meta.slot, &cm->kvl[il],
                                cm->stream, e) != 0)
             return -1;
+        if (cm->progress && !cm->capturing) {
+            const cudaError_t st = cudaEventRecord(cm->layer_ev[il], cm->stream);
+            if (st != cudaSuccess) {
+                duet_cuda_record(e, "cudaEventRecord(layer_ev)", cudaGetErrorString(st), __FILE__, __LINE__);
+                return -1;
+            }
+            cm->progress(cm->progress_user, il, (void *)cm->layer_ev[il]);
+        }
         cuda_attn_args a;
         a.kv = &cm->kvl[il];
         a.blocks = meta + p->ws.meta.blocks;
@@ -447,7 +471,9 @@ static int run_decode_graph(cuda_model_t *cm, const step_shape *sh, duet_cuda_er
         cudaGraph_t graph = NULL;
         duet_cuda_err ce = {0, {0}};
         CUDA_CHECK(e, cudaStreamBeginCapture(cm->stream, cudaStreamCaptureModeThreadLocal));
+        cm->capturing = 1;
         int rc = enqueue_layers(cm, sh, &ce) != 0 || enqueue_logits(cm, 0, sh->T, &ce) != 0 ? -1 : 0;
+        cm->capturing = 0;
         cudaError_t st = cudaStreamEndCapture(cm->stream, &graph);
         if (rc == 0 && st == cudaSuccess && graph) st = cudaGraphInstantiate(&g->exec, graph, 0);
         if (graph) (void)cudaGraphDestroy(graph);

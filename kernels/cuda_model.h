@@ -73,6 +73,15 @@ void cuda_model_set_collectives(cuda_model_t *cm, const cuda_collectives *c);
 /* The model's stream (a cudaStream_t), for collectives and transfers. */
 cuda_stream cuda_model_stream(const cuda_model_t *cm);
 
+/* Called during cuda_model_forward on the calling thread once per layer, as model_forward's
+ * progress hook (worker/model.h), when that layer's K/V store is enqueued: event (a
+ * cudaEvent_t, borrowed) is recorded on the model's stream right after it, so a transfer
+ * stream that waits on it (cudaStreamWaitEvent) ships the layer's KV while the rest of
+ * the step runs. Decode steps replayed from a CUDA graph do not call it (nothing is
+ * shipped from them). fn NULL removes it; fn must not call into the model. */
+typedef void (*cuda_layer_fn)(void *user, int layer, void *event);
+void cuda_model_set_progress(cuda_model_t *cm, cuda_layer_fn fn, void *user);
+
 /* Run one batch, as model_forward (worker/model.h): logits, when not NULL, receives one
  * row of n_vocab floats per requested logit row, in batch order ([n_rows][n_vocab], host
  * memory); with NULL the rows stay on the device for cuda_model_sample (then n_rows must

@@ -10,8 +10,8 @@
  * - a prefix-cache hit (blocks attached through kv/, positions already in the device
  *   pool) and a mixed batch (decodes beside a prefill chunk) give the logits of a fresh,
  *   lone computation within 1e-5;
- * - decode steps replayed from a CUDA graph give bit-identical logits to eager ones, and
- *   the graph is captured once per batch size;
+ * - decode steps replayed from a CUDA graph give bit-identical logits to eager ones, the
+ *   graph is captured once per batch size, and the per-layer hook runs on eager steps;
  * - sampling on the device: greedy equals the argmax of the logits, top-k on the device,
  *   a row with more penalized tokens than the device takes on the host, counted as such;
  * - errors: a budget too small, a missing device, a batch beyond the plan, a block beyond
@@ -366,6 +366,14 @@ static void test_prefix_and_batch(void **state)
     model_destroy(&m);
 }
 
+static void count_layers(void *user, int layer, void *event)
+{
+    int *n = user;
+    assert_non_null(event);
+    assert_true(layer >= 0);
+    (*n)++;
+}
+
 static void test_graphs(void **state)
 {
     (void)state;
@@ -376,6 +384,8 @@ static void test_graphs(void **state)
     eng_gpu(&eg, m, CUDA_PREC_BF16, CUDA_KV_BF16, 0, (size_t)32 << 20);
     eng_gpu(&ee, m, CUDA_PREC_BF16, CUDA_KV_BF16, 1, (size_t)32 << 20);
     eng *es[2] = {&eg, &ee};
+    int hook_calls = 0;
+    cuda_model_set_progress(eg.cm, count_layers, &hook_calls);
     float *l[2];
     int seq[2][4];
     for (int k = 0; k < 2; k++) {
@@ -409,6 +419,8 @@ static void test_graphs(void **state)
     assert_int_equal(sg.graph_captures, 1);
     assert_int_equal(sg.graph_replays, steps - 1);
     assert_int_equal(se.graph_captures, 0);
+    /* the layer hook: 4 prefills and the first (eager) decode step, not the graph's */
+    assert_int_equal(hook_calls, 5 * model_hparams_of(m)->n_layer);
     free(l[0]);
     free(l[1]);
     eng_free(&eg);
