@@ -251,6 +251,10 @@ extern "C" kv_config cuda_model_kv_config(const cuda_model_t *cm) { return cuda_
 extern "C" void cuda_model_set_collectives(cuda_model_t *cm, const cuda_collectives *c) { cm->coll = *c; }
 extern "C" cuda_stream cuda_model_stream(const cuda_model_t *cm) { return (cuda_stream)cm->stream; }
 extern "C" void cuda_model_get_stats(const cuda_model_t *cm, cuda_model_stats *out) { *out = cm->stats; }
+extern "C" const cuda_kv_layer *cuda_model_kv_layer(const cuda_model_t *cm, int layer)
+{
+    return cm && layer >= 0 && layer < cm->plan.hp.n_layer ? &cm->kvl[layer] : NULL;
+}
 extern "C" void cuda_model_set_progress(cuda_model_t *cm, cuda_layer_fn fn, void *user)
 {
     cm->progress = fn;

@@ -106,6 +106,10 @@ typedef struct {
 int cuda_model_sample(cuda_model_t *cm, const cuda_sample_req *reqs, int n, int32_t *tokens,
                       char *err, size_t errlen);
 
+/* Layer l of the device KV pool (pointers into the KV arena, kv/kv.h's layout): what
+ * cuda_op_kv_pack/unpack (transfers) and cuda_op_attention take. NULL for a bad index. */
+const cuda_kv_layer *cuda_model_kv_layer(const cuda_model_t *cm, int layer);
+
 /* Copy device KV block src to block dst (all layers): the device side of kv/'s
  * copy-on-write. 0, or -1 with a message. */
 int cuda_model_kv_copy_block(cuda_model_t *cm, int src, int dst, char *err, size_t errlen);

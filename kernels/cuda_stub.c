@@ -241,6 +241,11 @@ kv_config cuda_model_kv_config(const cuda_model_t *cm)
 }
 void cuda_model_set_collectives(cuda_model_t *cm, const cuda_collectives *c) { (void)cm, (void)c; }
 cuda_stream cuda_model_stream(const cuda_model_t *cm) { (void)cm; return NULL; }
+const cuda_kv_layer *cuda_model_kv_layer(const cuda_model_t *cm, int layer)
+{
+    (void)cm, (void)layer;
+    return NULL;
+}
 void cuda_model_set_progress(cuda_model_t *cm, cuda_layer_fn fn, void *user) { (void)cm, (void)fn, (void)user; }
 int cuda_model_forward(cuda_model_t *cm, kv_cache_t *kv, const model_seq_batch *b, int n_seqs,
                        float *logits, char *err, size_t errlen)

@@ -7,6 +7,7 @@
  *   and decode steps) and the same greedy tokens; BF16 within 5e-2;
  * - KV element types on the GPU (f32, f16, bf16, fp8) against the CPU's f32 KV:
  *   1e-4, 5e-3, 3e-2, 1.5e-1;
+ * - K/V written by the GPU read back as the CPU's (1e-5), a device block copy is exact;
  * - a prefix-cache hit (blocks attached through kv/, positions already in the device
  *   pool) and a mixed batch (decodes beside a prefill chunk) give the logits of a fresh,
  *   lone computation within 1e-5;
@@ -288,6 +289,56 @@ static void test_kv_types(void **state)
         eng_free(&g);
     }
     eng_free(&cpu);
+    model_destroy(&m);
+}
+
+/* K/V written by the GPU read back equal to the CPU's; a block copy (copy-on-write's
+ * device side) copies every layer. */
+static void test_kv_access(void **state)
+{
+    (void)state;
+    NEED_GPU();
+    model_t *m = load(tiny_model("llama", DTYPE_F32, 0));
+    const model_hparams *hp = model_hparams_of(m);
+    const int V = hp->n_vocab, nkv = hp->n_head_kv * hp->head_dim;
+    int32_t prompt[37];
+    rand_tokens(prompt, 37, V, 9);
+    eng cpu, g;
+    eng_cpu(&cpu, m, DTYPE_F32, 2);
+    eng_gpu(&g, m, CUDA_PREC_EXACT, CUDA_KV_F32, 0, (size_t)32 << 20);
+    assert_non_null(cuda_model_kv_layer(g.cm, 0));
+    assert_null(cuda_model_kv_layer(g.cm, hp->n_layer));
+    int sc, sg;
+    assert_int_equal(kv_seq_new(cpu.kv, &sc), KV_OK);
+    assert_int_equal(kv_seq_new(g.kv, &sg), KV_OK);
+    float *l = malloc((size_t)V * 4);
+    run(&cpu, sc, prompt, 37, 1, l);
+    run(&g, sg, prompt, 37, 1, l);
+    float *kc = malloc((size_t)nkv * 4), *vc = malloc((size_t)nkv * 4), *kg = malloc((size_t)nkv * 4),
+          *vg = malloc((size_t)nkv * 4), *k2 = malloc((size_t)nkv * 4), *v2 = malloc((size_t)nkv * 4);
+    char err[256];
+    const int bt = kv_config_of(g.kv)->block_tokens;
+    const int32_t *blocks = kv_seq_blocks(g.kv, sg, NULL);
+    for (int layer = 0; layer < hp->n_layer; layer++)
+        for (int pos = 0; pos < 37; pos += 9) {
+            assert_int_equal(kv_load(cpu.kv, sc, layer, pos, kc, vc), KV_OK);
+            if (cuda_model_kv_read(g.cm, layer, blocks[pos / bt], pos % bt, kg, vg, err, sizeof err) != 0)
+                fail_msg("cuda_model_kv_read: %s", err);
+            if (!(nerr(kg, kc, (size_t)nkv) <= 1e-5 && nerr(vg, vc, (size_t)nkv) <= 1e-5))
+                fail_msg("layer %d position %d: K/V differ from the CPU's", layer, pos);
+        }
+    const int spare = kv_n_blocks(g.kv) - 1;
+    if (cuda_model_kv_copy_block(g.cm, blocks[1], spare, err, sizeof err) != 0) fail_msg("copy: %s", err);
+    for (int layer = 0; layer < hp->n_layer; layer++) {
+        assert_int_equal(cuda_model_kv_read(g.cm, layer, blocks[1], 5, kg, vg, err, sizeof err), 0);
+        assert_int_equal(cuda_model_kv_read(g.cm, layer, spare, 5, k2, v2, err, sizeof err), 0);
+        assert_memory_equal(kg, k2, (size_t)nkv * 4);
+        assert_memory_equal(vg, v2, (size_t)nkv * 4);
+    }
+    assert_int_equal(cuda_model_kv_copy_block(g.cm, 0, kv_n_blocks(g.kv), err, sizeof err), -1);
+    free(l); free(kc); free(vc); free(kg); free(vg); free(k2); free(v2);
+    eng_free(&cpu);
+    eng_free(&g);
     model_destroy(&m);
 }
 
@@ -676,6 +727,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tiny_models),      cmocka_unit_test(test_kv_types),
+        cmocka_unit_test(test_kv_access),
         cmocka_unit_test(test_prefix_and_batch), cmocka_unit_test(test_graphs),
         cmocka_unit_test(test_sampling),         cmocka_unit_test(test_errors),
         cmocka_unit_test(test_default_model),    cmocka_unit_test(test_1b_model),
