@@ -151,6 +151,7 @@ struct creq {
     creq *pprev, *pnext;         /* P's list */
     coord_xstate xstate;
     int64_t xfer;                /* the current transfer (0: none) */
+    int64_t xseq;                /* its seq between P and D */
     int got_kv_ready, got_kv_ack;
     char rng[65];                /* the sampler state from kv_ready ("" none) */
     int p_cached;                /* kv_ready.cached_tokens */
@@ -329,6 +330,13 @@ void coord_req_detach(coord_t *c, creq *r, int send_cancel);
 /* A group that could serve r now (ready, role both, room), or NULL; *any_ready says
  * whether some group of role both is ready at all. */
 cgroup *coord_pick_group(coord_t *c, creq *r, int *any_ready);
+/* r's assign body for role (its context, sampling, limits; no transfer), borrowing r's
+ * arrays. */
+void coord_assign_body(const creq *r, proto_role role, proto_assign *a);
+/* r's prompt block hashes (computed once, for prefix routing). */
+void coord_req_hashes(coord_t *c, creq *r);
+/* r's prompt goes to group g: predict its cached prefix there and remember the prefix. */
+void coord_note_prefix(coord_t *c, creq *r, cgroup *g);
 /* KV blocks of a context of n tokens. */
 int coord_blocks_of(const coord_t *c, int64_t tokens);
 /* A group's KV capacity (its smallest rank's), and what it can still give. */

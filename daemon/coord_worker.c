@@ -413,7 +413,7 @@ void coord_failover(coord_t *c)
     coord_notify_status(c);
 }
 
-cgroup *coord_pick_group(coord_t *c, creq *r, int *any_ready)
+void coord_req_hashes(coord_t *c, creq *r)
 {
     int bt = c->block_tokens > 0 ? c->block_tokens : 16;
     if (!r->phash && r->n_prompt >= bt) {
@@ -421,6 +421,38 @@ cgroup *coord_pick_group(coord_t *c, creq *r, int *any_ready)
         r->phash = malloc((size_t)nb * sizeof *r->phash);
         if (r->phash) r->n_phash = coord_block_hashes(r->prompt, r->n_prompt, bt, r->phash, nb);
     }
+}
+
+void coord_note_prefix(coord_t *c, creq *r, cgroup *g)
+{
+    int bt = c->block_tokens > 0 ? c->block_tokens : 16;
+    int match = cpfx_match(&g->pidx, r->phash, r->n_phash) * bt;
+    int most = ((r->n_prompt - 1) / bt) * bt; /* the last prompt token is always computed */
+    r->predicted_cached = match < most ? match : most;
+    cpfx_add(&g->pidx, r->phash, r->n_phash);
+    g->ranks[0]->blocks_since_load += coord_blocks_of(c, (int64_t)r->n_prompt + r->n_gen);
+}
+
+void coord_assign_body(const creq *r, proto_role role, proto_assign *a)
+{
+    proto_assign_init(a);
+    a->rid = r->rid;
+    a->role = role;
+    a->tokens = r->prompt;
+    a->n_tokens = r->n_prompt;
+    a->generated = r->gen;
+    a->n_generated = r->n_gen;
+    a->sampling = r->sampling;
+    a->max_tokens = r->max_tokens;
+    a->stop_token_ids = r->stop_ids;
+    a->n_stop_token_ids = r->n_stop_ids;
+    a->ignore_eos = r->ignore_eos;
+    a->session = r->session;
+}
+
+cgroup *coord_pick_group(coord_t *c, creq *r, int *any_ready)
+{
+    coord_req_hashes(c, r);
     int need = coord_blocks_of(c, (int64_t)r->n_prompt + r->n_gen + 1);
     double now = coord_now_ms();
     int n_ready = 0, n_other = 0;
@@ -456,19 +488,7 @@ int coord_assign(coord_t *c, creq *r, cgroup *g)
 {
     cworker *leader = g->ranks[0];
     proto_assign a;
-    proto_assign_init(&a);
-    a.rid = r->rid;
-    a.role = PROTO_ROLE_BOTH;
-    a.tokens = r->prompt;
-    a.n_tokens = r->n_prompt;
-    a.generated = r->gen;
-    a.n_generated = r->n_gen;
-    a.sampling = r->sampling;
-    a.max_tokens = r->max_tokens;
-    a.stop_token_ids = r->stop_ids;
-    a.n_stop_token_ids = r->n_stop_ids;
-    a.ignore_eos = r->ignore_eos;
-    a.session = r->session;
+    coord_assign_body(r, PROTO_ROLE_BOTH, &a);
     if (coord_worker_send(c, leader, PROTO_CMD_ASSIGN, PROTO_T_ASSIGN, &a) != 0) { /* a is borrowed */
         coord_queue_push(c, r, 1);
         return -1;
@@ -485,12 +505,7 @@ int coord_assign(coord_t *c, creq *r, cgroup *g)
     r->leader = leader;
     r->state = COORD_PREFILLING;
     if (r->t_assign <= 0) r->t_assign = coord_now_ms();
-    int bt = c->block_tokens > 0 ? c->block_tokens : 16;
-    int match = cpfx_match(&g->pidx, r->phash, r->n_phash) * bt;
-    int most = ((r->n_prompt - 1) / bt) * bt; /* the last prompt token is always computed */
-    r->predicted_cached = match < most ? match : most;
-    cpfx_add(&g->pidx, r->phash, r->n_phash);
-    leader->blocks_since_load += coord_blocks_of(c, (int64_t)r->n_prompt + r->n_gen);
+    coord_note_prefix(c, r, g);
     CDEBUG(c, "request %s (rid %lld) -> group %d (%s), %d cached prompt tokens expected", r->id,
            (long long)r->rid, g->id, g->cfg->name, r->predicted_cached);
     return 0;

@@ -56,12 +56,7 @@ static proto_peer *peers_of(const cgroup *g)
 
 int coord_pick_pair(coord_t *c, creq *r, cgroup **pp, cgroup **dp)
 {
-    int bt = c->block_tokens > 0 ? c->block_tokens : 16;
-    if (!r->phash && r->n_prompt >= bt) {
-        int nb = r->n_prompt / bt;
-        r->phash = malloc((size_t)nb * sizeof *r->phash);
-        if (r->phash) r->n_phash = coord_block_hashes(r->prompt, r->n_prompt, bt, r->phash, nb);
-    }
+    coord_req_hashes(c, r);
     const int need = coord_blocks_of(c, (int64_t)r->n_prompt + r->n_gen + 1);
     const double now = coord_now_ms();
     int n_p = 0, n_d = 0;
@@ -90,13 +85,13 @@ int coord_pick_pair(coord_t *c, creq *r, cgroup **pp, cgroup **dp)
     }
     if (!bp) return 0;
     /* D: the most free KV blocks, then the fewest requests */
-    int64_t best_free = -1;
+    int64_t best_free = 0;
     for (int i = 0; i < c->n_groups; i++) {
         cgroup *g = &c->groups[i];
         if (!g->ready || g->role != PROTO_ROLE_DECODE || !coord_group_fits(c, g, need, now)) continue;
         if (g->id == r->avoid_group && n_d > 0) continue;
         int64_t fr = coord_group_avail(c, g, now);
-        if (fr > best_free || (fr == best_free && g->n_running < bd->n_running)) {
+        if (!bd || fr > best_free || (fr == best_free && g->n_running < bd->n_running)) {
             bd = g;
             best_free = fr;
         }
@@ -162,6 +157,7 @@ int coord_reserve(coord_t *c, creq *r, cgroup *p, cgroup *d)
     m.xfer = r->xfer;
     m.rid = r->rid;
     m.seq = (*seq)++;
+    r->xseq = m.seq;
     m.src_group = p->id;
     m.src = src;
     m.n_src = p->tp_size;
@@ -253,21 +249,11 @@ void coord_on_reserved(coord_t *c, cworker *w, const proto_reserved *m)
     }
     int bt = c->block_tokens > 0 ? c->block_tokens : 16;
     proto_assign a;
-    proto_assign_init(&a);
-    a.rid = r->rid;
-    a.role = PROTO_ROLE_PREFILL;
-    a.tokens = r->prompt;
-    a.n_tokens = r->n_prompt;
-    a.generated = r->gen;
-    a.n_generated = r->n_gen;
-    a.sampling = r->sampling;
-    a.max_tokens = r->max_tokens;
-    a.stop_token_ids = r->stop_ids;
-    a.n_stop_token_ids = r->n_stop_ids;
-    a.ignore_eos = r->ignore_eos;
+    coord_assign_body(r, PROTO_ROLE_PREFILL, &a);
+    a.session = NULL; /* the session's KV lives on the decode group */
     a.has_transfer = 1;
     a.transfer.xfer = r->xfer;
-    a.transfer.seq = c->pair_seq[(size_t)p->id * (size_t)c->n_groups + (size_t)d->id] - 1;
+    a.transfer.seq = r->xseq;
     a.transfer.peer_group = d->id;
     a.transfer.first_block = m->cached_tokens / bt;
     a.transfer.peers = dst;
@@ -280,11 +266,7 @@ void coord_on_reserved(coord_t *c, cworker *w, const proto_reserved *m)
     }
     r->xstate = XS_PREFILLING;
     r->t_pre_assign = coord_now_ms();
-    int match = cpfx_match(&p->pidx, r->phash, r->n_phash) * bt;
-    int most = ((r->n_prompt - 1) / bt) * bt;
-    r->predicted_cached = match < most ? match : most;
-    cpfx_add(&p->pidx, r->phash, r->n_phash);
-    r->pleader->blocks_since_load += coord_blocks_of(c, (int64_t)r->n_prompt + r->n_gen);
+    coord_note_prefix(c, r, p);
 }
 
 void coord_xfer_tokens(coord_t *c, creq *r)
@@ -330,20 +312,8 @@ void coord_on_kv_ready(coord_t *c, cworker *w, const proto_kv_ready *m)
     c->st_x_bytes += m->bytes;
     p->x_ms += m->send_ms;
     proto_assign a;
-    proto_assign_init(&a);
-    a.rid = r->rid;
-    a.role = PROTO_ROLE_DECODE;
-    a.tokens = r->prompt;
-    a.n_tokens = r->n_prompt;
-    a.generated = r->gen;
-    a.n_generated = r->n_gen;
-    a.sampling = r->sampling;
+    coord_assign_body(r, PROTO_ROLE_DECODE, &a);
     a.rng = r->rng[0] ? r->rng : NULL;
-    a.max_tokens = r->max_tokens;
-    a.stop_token_ids = r->stop_ids;
-    a.n_stop_token_ids = r->n_stop_ids;
-    a.ignore_eos = r->ignore_eos;
-    a.session = r->session;
     a.has_transfer = 1;
     a.transfer.xfer = r->xfer;
     if (coord_worker_send(c, r->leader, PROTO_CMD_ASSIGN, PROTO_T_ASSIGN, &a) != 0)

@@ -1238,23 +1238,25 @@ static int reject_sched(wrk_t *w, int64_t rid, int64_t xfer, sched_status st, co
     }
 }
 
-/* Add a request to the scheduler and the live table. 0 with *st SCHED_OK, or the
- * scheduler's refusal in *st and why[]. */
-static void admit(wrk_t *w, const sched_req *q, const proto_assign *a, sched_status *st,
-                  char *why, size_t whylen)
+/* Add a request to the scheduler and the live table: *st SCHED_OK, or the refusal in *st
+ * and why[]. Returns 1 when the scheduler took the request (and a has_kv sequence with
+ * it) even if *st is not SCHED_OK (out of memory for the table: it was cancelled there). */
+static int admit(wrk_t *w, const sched_req *q, const proto_assign *a, sched_status *st,
+                 char *why, size_t whylen)
 {
     *st = sched_add(w->sched, q, why, whylen);
-    if (*st != SCHED_OK) return;
+    if (*st != SCHED_OK) return 0;
     if (live_put(w, a->rid, a->n_generated) != 0) {
         sched_cancel(w->sched, (uint64_t)a->rid); /* its FINISHED is dropped: not in the table */
         *st = SCHED_ERR_NOMEM;
         snprintf(why, whylen, "request %" PRId64 ": out of memory", a->rid);
-        return;
+        return 1;
     }
     live_req *lr = live_find(w, a->rid);
     lr->role = a->role;
     lr->xfer = a->has_transfer ? a->transfer.xfer : 0;
     ST_ADD(w, assigns, 1);
+    return 1;
 }
 
 /* A decode assign whose KV is all here: hand the sequence to the scheduler. Returns -1
@@ -1292,10 +1294,10 @@ static int start_decode(wrk_t *w, const proto_assign *a)
                    .rng = assign_rng(w, a, &rb), .has_kv = 1, .kv_seq = seq, .n_kv = n_kv};
     char why[256];
     sched_status st;
-    admit(w, &q, a, &st, why, sizeof why);
+    const int taken = admit(w, &q, a, &st, why, sizeof why);
     free(ctx);
     if (st != SCHED_OK) {
-        if (kv_seq_len(w->kv, seq) >= 0) kv_seq_free(w->kv, seq); /* not taken over */
+        if (!taken) kv_seq_free(w->kv, seq);
         return reject_sched(w, a->rid, xf, st, why);
     }
     LOG_D(w, "decode rid %" PRId64 ": KV of %d tokens from transfer %" PRId64 ", up to %d new",
@@ -1425,7 +1427,7 @@ static int on_assign(wrk_t *w, const json_t *body)
         }
     }
     sched_status st;
-    admit(w, &q, &a, &st, why, sizeof why);
+    (void)admit(w, &q, &a, &st, why, sizeof why);
     if (st != SCHED_OK) {
         if (prefill) xfer_release(w->xfer, xf);
         rc = reject_sched(w, a.rid, xf, st, why);

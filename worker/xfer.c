@@ -230,8 +230,8 @@ static int overlap(int a0, int an, int b0, int bn, int *h0, int *hn)
     return 1;
 }
 
-/* Links to the peers whose heads overlap this shard, and the slots for every layer. */
-static xfer_status make_slots(xfer_t *x, xf *t, const xfer_peer *p, int n_p, char *err,
+/* Links to the peers whose heads overlap this shard. */
+static xfer_status make_links(xfer_t *x, xf *t, const xfer_peer *p, int n_p, char *err,
                               size_t errlen)
 {
     if (n_p < 1) {
@@ -255,6 +255,12 @@ static xfer_status make_slots(xfer_t *x, xf *t, const xfer_peer *p, int n_p, cha
                 (long long)t->xfer, x->head0, x->head0 + x->n_heads);
         return XFER_ERR_INVAL;
     }
+    return XFER_OK;
+}
+
+/* A slot per layer and link, and the buffer behind them (n_tokens and tok0 known). */
+static xfer_status make_slots(xfer_t *x, xf *t, char *err, size_t errlen)
+{
     t->n_layers = x->n_layers;
     t->n_slots = t->n_layers * t->n_links;
     t->off = calloc((size_t)t->n_slots, sizeof *t->off);
@@ -317,8 +323,8 @@ static void drop_all(xfer_t *x, int with_events, const char *why)
     }
 }
 
-/* Zombies are freed only when their comm goes away or their sends finish. */
-static void reap_zombies(xfer_t *x, int force)
+/* Free the zombies whose sends the transport has finished with. */
+static void reap_zombies(xfer_t *x)
 {
     for (xf **p = &x->zombies; *p;) {
         xf *t = *p;
@@ -326,11 +332,8 @@ static void reap_zombies(xfer_t *x, int force)
         for (int i = 0; i < t->n_slots; i++) {
             if (!t->ops[i] || t->done[i]) continue;
             int d = 0;
-            if (!force && x->comm) {
-                comm_status cs = comm_test(x->comm, t->ops[i], &d, NULL);
-                if (cs != COMM_OK) d = 1;
-            }
-            if (d || force)
+            if (x->comm && comm_test(x->comm, t->ops[i], &d, NULL) != COMM_OK) d = 1;
+            if (d)
                 t->done[i] = 1;
             else
                 busy = 1;
@@ -342,10 +345,7 @@ static void reap_zombies(xfer_t *x, int force)
         *p = t->next;
         t->next = NULL;
         for (int i = 0; i < t->n_slots; i++)
-            if (t->ops[i]) {
-                if (x->comm && !force) comm_op_free(x->comm, &t->ops[i]);
-                t->ops[i] = NULL; /* force: the comm is gone, its handles with it */
-            }
+            if (t->ops[i] && x->comm) comm_op_free(x->comm, &t->ops[i]);
         free_xf(t);
     }
 }
@@ -355,7 +355,7 @@ void xfer_destroy(xfer_t **self_p)
     if (!self_p || !*self_p) return;
     xfer_t *x = *self_p;
     drop_all(x, 0, "");
-    reap_zombies(x, 0);
+    reap_zombies(x);
     /* what is left: sends the transport still holds (the caller destroys the comm after
      * xfer_set_comm(NULL) and before this, so the transport has let go), and orphans of an
      * earlier comm: their handles died with their comm, their buffers go now */
@@ -382,7 +382,7 @@ void xfer_set_comm(xfer_t *x, comm_t *comm)
     if (!x || x->comm == comm) return;
     if (x->comm) {
         drop_all(x, 1, "the data plane changed");
-        reap_zombies(x, 0);
+        reap_zombies(x);
         /* sends the old transport still holds keep their buffers until xfer_destroy (the
          * old comm must be destroyed before that); their handles are never used again */
         while (x->zombies) {
@@ -476,7 +476,8 @@ xfer_status xfer_reserve(xfer_t *x, int64_t id, uint64_t rid, const int32_t *ctx
         rc = XFER_ERR_FULL;
         goto fail;
     }
-    rc = make_slots(x, t, src, n_src, err, errlen);
+    rc = make_links(x, t, src, n_src, err, errlen);
+    if (rc == XFER_OK) rc = make_slots(x, t, err, errlen);
     if (rc != XFER_OK) goto fail;
     if (n - c > 0) {
         for (int s = 0; s < t->n_slots; s++) {
@@ -587,16 +588,11 @@ xfer_status xfer_send_begin(xfer_t *x, int64_t id, uint64_t rid, const xfer_peer
     t->first_block = first_block;
     t->deadline = INT64_MAX; /* until the first layer ships */
     t->lease_ms = lease_ms > 0 ? lease_ms : 1;
-    /* the peers are kept until the first layer, when the token count is known */
-    t->links = malloc((size_t)(n_dst > 0 ? n_dst : 1) * sizeof *t->links);
-    if (!t->links) {
-        free(t);
-        return XFER_ERR_NOMEM;
+    xfer_status rc = make_links(x, t, dst, n_dst, err, errlen);
+    if (rc != XFER_OK) {
+        free_xf(t);
+        return rc;
     }
-    for (int i = 0; i < n_dst; i++)
-        t->links[i] = (xf_link){.peer = dst[i].rank, .head0 = dst[i].head0,
-                                .n_heads = dst[i].n_heads};
-    t->n_links = n_dst;
     t->next = x->head;
     x->head = t;
     return XFER_OK;
@@ -625,20 +621,7 @@ void xfer_ship(xfer_t *x, int64_t id, int seq, int layer, int n_tokens)
         t->n_tokens = n_tokens;
         t->tok0 = t->first_block * x->block_tokens;
         if (t->tok0 > n_tokens) t->tok0 = n_tokens;
-        xfer_peer *p = malloc((size_t)(t->n_links > 0 ? t->n_links : 1) * sizeof *p);
-        if (!p) {
-            fail_xf(x, t, XFER_EV_FAILED, "transfer %lld: out of memory", (long long)id);
-            return;
-        }
-        for (int i = 0; i < t->n_links; i++)
-            p[i] = (xfer_peer){.rank = t->links[i].peer, .head0 = t->links[i].head0,
-                               .n_heads = t->links[i].n_heads};
-        int n_p = t->n_links;
-        free(t->links);
-        t->links = NULL;
-        t->n_links = 0;
-        xfer_status rc = make_slots(x, t, p, n_p, err, sizeof err);
-        free(p);
+        xfer_status rc = make_slots(x, t, err, sizeof err);
         if (rc != XFER_OK) {
             fail_xf(x, t, XFER_EV_FAILED, "%s", rc == XFER_ERR_NOMEM ? "out of memory" : err);
             return;
@@ -763,5 +746,5 @@ void xfer_poll(xfer_t *x, int64_t now)
                     t->n_done, t->send ? t->n_posted : t->n_slots,
                     t->send ? "sent" : "received");
     }
-    reap_zombies(x, 0);
+    reap_zombies(x);
 }
