@@ -10,6 +10,14 @@
  * figure is bytes over the time from the start to the last message received (mpi: to rank
  * 1's acknowledgement). GB/s = 1e9 bytes/s; best of 2 runs.
  *
+ * Then the KV transfer itself (worker/xfer.h, as duet-worker runs it): a request's KV in a
+ * model's layout (f16, 16-token blocks) from rank 0's pool to rank 1's: rank 1 reserves
+ * blocks and posts its receives, rank 0 packs and sends every layer back to back (no
+ * forward pass in between, so this is the engine's ceiling), rank 1 unpacks each layer
+ * into its blocks as it lands; the clock runs from the start to rank 1's XFER_EV_RECEIVED.
+ * Checksums are on, as in the default build. Beside it, the raw stream of the same
+ * messages (one per layer, same size, same count) on the same backend.
+ *
  *   bench_comm          the table
  *   bench_comm quick    fewer bytes per size (a smoke test)
  *   bench_comm --mpi    the mpi side only (run under mpirun -np 2; prints "mpi SIZE GBPS") */
@@ -22,6 +30,8 @@
 #include <unistd.h>
 
 #include "comm/comm.h"
+#include "kv/kv.h"
+#include "worker/xfer.h"
 
 #define N_SIZES 6
 #define RUNS 2
@@ -188,10 +198,177 @@ out:
     return best;
 }
 
+
+/* ---- the KV transfer (worker/xfer) ------------------------------------------------------- */
+
+typedef struct {
+    const char *name;
+    int n_layers, n_kv_heads, head_dim, n_tokens;
+} kv_layout;
+
+#define N_LAYOUTS 2
+static const kv_layout layouts[N_LAYOUTS] = {
+    {"SmolLM2-135M (30 layers, 3 KV heads of 64)", 30, 3, 64, 512},
+    {"Llama-3-8B (32 layers, 8 KV heads of 128)", 32, 8, 128, 2048},
+};
+
+/* Bytes of one layer's message (a kv_pack buffer of the layer's K and V, + the checksum). */
+static size_t kv_msg_bytes(const kv_layout *l)
+{
+    return sizeof(kv_pack_header) + (size_t)2 * (size_t)l->n_kv_heads * (size_t)l->head_dim *
+                                         (size_t)l->n_tokens * 2 + sizeof(uint64_t);
+}
+
+static int kv_reps(const kv_layout *l, int quick)
+{
+    size_t total = (size_t)l->n_layers * kv_msg_bytes(l);
+    size_t want = quick ? (size_t)64 << 20 : (size_t)512 << 20;
+    size_t n = want / total;
+    return n < 3 ? 3 : n > 40 ? 40 : (int)n;
+}
+
+typedef void (*sync_fn)(void *user);
+
+static double wall_ms(void) { return now() * 1e3; }
+
+/* One side of reps KV transfers of layout l between ranks 0 (sends) and 1 (receives); sync
+ * is a barrier of both sides. Rank 1 returns the payload GB/s of the best transfer (from the
+ * barrier before it to its reception), rank 0 returns 0; -1 with a message on stderr. */
+static double kv_side(comm_t *c, int rank, const kv_layout *l, int reps, sync_fn sync, void *user)
+{
+    kv_config kc = {.n_layers = l->n_layers, .n_kv_heads = l->n_kv_heads, .head_dim = l->head_dim,
+                    .block_tokens = 16, .dtype = DTYPE_F16};
+    const int blocks = (l->n_tokens + 1 + 15) / 16;
+    kc.budget_bytes = kv_block_bytes(&kc) * (size_t)(2 * blocks + 4);
+    kv_cache_t *kv = NULL;
+    xfer_t *x = NULL;
+    int32_t *ctx = malloc((size_t)l->n_tokens * sizeof *ctx);
+    double best = rank == 1 ? -1 : 0;
+    char err[256] = "";
+    if (!ctx || kv_new(&kc, &kv) != KV_OK || xfer_new(kv, &x) != XFER_OK) {
+        snprintf(err, sizeof err, "out of memory for a %s pool", l->name);
+        goto out;
+    }
+    xfer_set_comm(x, c);
+    const xfer_peer peer = {.rank = 1 - rank, .head0 = 0, .n_heads = l->n_kv_heads};
+    for (int r = 0; r <= reps && !err[0]; r++) { /* r == 0 warms up */
+        const int64_t id = r + 1;
+        for (int i = 0; i < l->n_tokens; i++) ctx[i] = 1000 + (i * 31 + r * 7919) % 30000; /* no prefix hits */
+        int seq = -1, cached = 0, n_tok = 0;
+        if (rank == 1) {
+            if (xfer_reserve(x, id, (uint64_t)id, ctx, l->n_tokens, &peer, 1, (int64_t)wall_ms() + WAIT_MS,
+                             &cached, err, sizeof err) != XFER_OK)
+                break;
+        } else {
+            if (kv_seq_new(kv, &seq) != KV_OK || kv_seq_append(kv, seq, ctx, l->n_tokens) != KV_OK ||
+                xfer_send_begin(x, id, (uint64_t)id, &peer, 1, 0, WAIT_MS, err, sizeof err) != XFER_OK) {
+                if (!err[0]) snprintf(err, sizeof err, "no KV sequence of %d tokens", l->n_tokens);
+                break;
+            }
+        }
+        sync(user);
+        const double t0 = wall_ms();
+        if (rank == 0)
+            for (int layer = 0; layer < l->n_layers; layer++) xfer_ship(x, id, seq, layer, l->n_tokens);
+        for (int done = 0; !done && !err[0];) {
+            xfer_poll(x, (int64_t)wall_ms());
+            xfer_event ev;
+            while (xfer_next_event(x, &ev)) {
+                if (ev.type == XFER_EV_RECEIVED || ev.type == XFER_EV_SENT)
+                    done = 1;
+                else
+                    snprintf(err, sizeof err, "transfer %lld: %s", (long long)ev.xfer, ev.msg);
+            }
+        }
+        const double ms = wall_ms() - t0;
+        if (err[0]) break;
+        if (rank == 1) {
+            if (xfer_take(x, id, &seq, &n_tok) != XFER_OK || n_tok != l->n_tokens) {
+                snprintf(err, sizeof err, "transfer %lld: not taken", (long long)id);
+                break;
+            }
+            const size_t bytes = (size_t)l->n_layers * (kv_msg_bytes(l) - sizeof(kv_pack_header) - sizeof(uint64_t));
+            const double gbs = (double)bytes / (ms * 1e6);
+            if (r && gbs > best) best = gbs;
+        }
+        kv_seq_free(kv, seq);
+    }
+out:
+    if (err[0]) {
+        fprintf(stderr, "bench_comm: %s, rank %d: %s\n", l->name, rank, err);
+        best = -1;
+    }
+    xfer_set_comm(x, NULL);
+    xfer_destroy(&x);
+    kv_destroy(&kv);
+    free(ctx);
+    return best;
+}
+
+typedef struct {
+    comm_t *c;
+    int rank, reps;
+    const kv_layout *l;
+    pthread_barrier_t *bar;
+    double gbs;
+} kv_thread;
+
+static void bar_sync(void *user) { pthread_barrier_wait(user); }
+
+static void *kv_thread_main(void *p)
+{
+    kv_thread *k = p;
+    k->gbs = kv_side(k->c, k->rank, k->l, k->reps, bar_sync, k->bar);
+    return NULL;
+}
+
+/* KV transfer GB/s of layout l over tcp between two threads, or -1. */
+static double bench_kv_tcp(const char *bind0, const char *bind1, const kv_layout *l, int quick)
+{
+    comm_t *c[2] = {NULL, NULL};
+    char err[256];
+    const char *binds[2] = {bind0, bind1};
+    for (int r = 0; r < 2; r++)
+        if (comm_tcp_new(binds[r], NULL, &c[r], err, sizeof err) != COMM_OK) {
+            fprintf(stderr, "bench_comm: %s\n", err);
+            comm_destroy(&c[0]);
+            return -1;
+        }
+    const char *eps[2] = {comm_tcp_endpoint(c[0]), comm_tcp_endpoint(c[1])};
+    double gbs = -1;
+    if (comm_tcp_set_world(c[0], 0, 2, eps) == COMM_OK && comm_tcp_set_world(c[1], 1, 2, eps) == COMM_OK) {
+        pthread_barrier_t bar;
+        pthread_barrier_init(&bar, NULL, 2);
+        const int reps = kv_reps(l, quick);
+        kv_thread k[2] = {{c[0], 0, reps, l, &bar, 0}, {c[1], 1, reps, l, &bar, 0}};
+        pthread_t th[2];
+        for (int r = 0; r < 2; r++) pthread_create(&th[r], NULL, kv_thread_main, &k[r]);
+        for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
+        pthread_barrier_destroy(&bar);
+        gbs = k[0].gbs < 0 ? -1 : k[1].gbs;
+    }
+    comm_destroy(&c[0]);
+    comm_destroy(&c[1]);
+    return gbs;
+}
+
+/* The raw stream of layout l's messages: as many and as large as its transfers'. */
+static size_t kv_raw_total(const kv_layout *l, int quick)
+{
+    return (size_t)kv_reps(l, quick) * (size_t)l->n_layers * kv_msg_bytes(l);
+}
+
 /* ---- mpi ----------------------------------------------------------------------------------------- */
 
-/* Under mpirun -np 2: print "mpi SIZE GBPS" per size (rank 0). */
-static int mpi_side(size_t total)
+static void mpi_sync(void *user)
+{
+    float v = 0;
+    (void)comm_allreduce_sum_f32(user, &v, 1, WAIT_MS);
+}
+
+/* Under mpirun -np 2: print "mpi SIZE GBPS" per size (rank 0), then "mpikv LAYOUT KV RAW" per
+ * KV layout (rank 1: the KV transfer's and the same messages' raw GB/s). */
+static int mpi_side(size_t total, int quick)
 {
     comm_t *c = NULL;
     char err[512];
@@ -228,6 +405,26 @@ static int mpi_side(size_t total)
         if (rank == 0 && !rc) printf("mpi %zu %.3f\n", size, best);
         fflush(stdout);
     }
+    for (int k = 0; k < N_LAYOUTS && !rc; k++) {
+        const kv_layout *l = &layouts[k];
+        double kvg = kv_side(c, rank, l, kv_reps(l, quick), mpi_sync, g);
+        const size_t size = kv_msg_bytes(l);
+        const int window = window_of(size), iters = (int)(kv_raw_total(l, quick) / size);
+        unsigned char *buf = calloc(1, size * (size_t)(rank ? window : 1));
+        double raw = -1;
+        for (int r = 0; r <= RUNS && buf; r++) {
+            float sync = 0;
+            if (comm_allreduce_sum_f32(g, &sync, 1, WAIT_MS) != COMM_OK) break;
+            double t0 = now();
+            if (stream(c, rank, buf, size, r ? iters : 2, window) != 0) break;
+            if (comm_allreduce_sum_f32(g, &sync, 1, WAIT_MS) != COMM_OK) break;
+            double gbs = (double)size * iters / (now() - t0) / 1e9;
+            if (r && gbs > raw) raw = gbs;
+        }
+        free(buf);
+        if (rank == 1) printf("mpikv %d %.3f %.3f\n", k, kvg, raw);
+        fflush(stdout);
+    }
     comm_group_destroy(&g);
     comm_destroy(&c);
     comm_mpi_finalize();
@@ -236,7 +433,7 @@ static int mpi_side(size_t total)
 
 /* Run this program under mpirun -np 2 --mpi (extra: more mpirun options) and collect its
  * figures into gbs[]. 0 or -1. */
-static int run_mpi(int quick, const char *extra, double *gbs, char *why, size_t whylen)
+static int run_mpi(int quick, const char *extra, double *gbs, double (*kvg)[2], char *why, size_t whylen)
 {
     char self[4096];
     ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
@@ -265,7 +462,12 @@ static int run_mpi(int quick, const char *extra, double *gbs, char *why, size_t 
     while (fgets(line, sizeof line, p)) {
         size_t size = 0;
         double v = 0;
-        if (sscanf(line, "mpi %zu %lf", &size, &v) == 2) {
+        int li = -1;
+        double v2 = 0;
+        if (sscanf(line, "mpikv %d %lf %lf", &li, &v, &v2) == 3 && li >= 0 && li < N_LAYOUTS) {
+            kvg[li][0] = v;
+            kvg[li][1] = v2;
+        } else if (sscanf(line, "mpi %zu %lf", &size, &v) == 2) {
             for (int k = 0; k < N_SIZES; k++)
                 if (sizes[k] == size) gbs[k] = v;
             got++;
@@ -285,6 +487,18 @@ static void cell(double v)
         printf(" %.2f |", v);
 }
 
+static void kv_cell(double kv, double raw)
+{
+    if (kv < 0)
+        printf(" n/a");
+    else
+        printf(" %.2f", kv);
+    if (raw < 0)
+        printf(" (n/a) |");
+    else
+        printf(" (%.2f) |", raw);
+}
+
 int main(int argc, char **argv)
 {
     int quick = 0, mpi = 0;
@@ -299,18 +513,20 @@ int main(int argc, char **argv)
         }
     }
     const size_t total = quick ? (size_t)64 << 20 : (size_t)512 << 20;
-    if (mpi || comm_mpi_launched()) return mpi_side(total);
+    if (mpi || comm_mpi_launched()) return mpi_side(total, quick);
 
-    double mpi_gbs[N_SIZES];
+    double mpi_gbs[N_SIZES], mpi_kv[N_LAYOUTS][2];
     for (int k = 0; k < N_SIZES; k++) mpi_gbs[k] = -1;
+    for (int k = 0; k < N_LAYOUTS; k++) mpi_kv[k][0] = mpi_kv[k][1] = -1;
     char why[256] = "";
     /* shared memory with single-copy (CMA) first; without it where ptrace is not allowed */
     const char *mech = "vader, CMA";
-    int mpi_ok = run_mpi(quick, "", mpi_gbs, why, sizeof why) == 0;
+    int mpi_ok = run_mpi(quick, "", mpi_gbs, mpi_kv, why, sizeof why) == 0;
     if (!mpi_ok) {
         mech = "vader, no single-copy";
         for (int k = 0; k < N_SIZES; k++) mpi_gbs[k] = -1;
-        mpi_ok = run_mpi(quick, "--mca btl_vader_single_copy_mechanism none", mpi_gbs, why,
+        for (int k = 0; k < N_LAYOUTS; k++) mpi_kv[k][0] = mpi_kv[k][1] = -1;
+        mpi_ok = run_mpi(quick, "--mca btl_vader_single_copy_mechanism none", mpi_gbs, mpi_kv, why,
                          sizeof why) == 0;
     }
 
@@ -337,6 +553,27 @@ int main(int argc, char **argv)
         cell(bench_tcp("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", s, total));
         cell(bench_tcp(ipc0, ipc1, s, total));
         cell(mpi_gbs[k]);
+        printf("\n");
+        fflush(stdout);
+    }
+    printf("\nA request's KV through the transfer engine (worker/xfer: reserve, pack, send, "
+           "receive, unpack, checksums), f16, layers shipped back to back; payload GB/s, best "
+           "of the transfers, and in brackets the raw stream of the same messages.\n\n");
+    printf("| KV layout | tokens | message (a layer) | KV per request | tcp (tcp://127.0.0.1) | "
+           "tcp (ipc://) | mpi (%s) |\n", mech);
+    printf("|---|---:|---:|---:|---:|---:|---:|\n");
+    for (int k = 0; k < N_LAYOUTS; k++) {
+        const kv_layout *l = &layouts[k];
+        const size_t msg = kv_msg_bytes(l);
+        printf("| %s | %d | %.0f KiB | %.1f MB |", l->name, l->n_tokens, (double)msg / 1024.0,
+               (double)msg * l->n_layers / 1e6);
+        const char *b0[2] = {"tcp://127.0.0.1:0", ipc0}, *b1[2] = {"tcp://127.0.0.1:0", ipc1};
+        for (int t = 0; t < 2; t++) {
+            double kvg = bench_kv_tcp(b0[t], b1[t], l, quick);
+            double raw = bench_tcp(b0[t], b1[t], msg, kv_raw_total(l, quick));
+            kv_cell(kvg, raw);
+        }
+        kv_cell(mpi_kv[k][0], mpi_kv[k][1]);
         printf("\n");
         fflush(stdout);
     }

@@ -473,9 +473,17 @@ static void mpi_cancel(comm_t *c, void *impl, void *opv)
         return;
     }
     if (op->kind == OP_RECV) {
+        /* The caller may free the buffer as soon as this returns, so the receive must be
+         * over: either the cancel took, or the receive had been matched and completes.
+         * MPI_Wait on a request marked for cancellation is local (MPI 4.0, 3.8.4), so this
+         * does not block on the peer. */
         MPI_Cancel(&op->req);
         mpi_key *k = key_get(m, op->peer, op->ftag);
         if (k) k->pending++;
+        MPI_Status st;
+        if (MPI_Wait(&op->req, &st) != MPI_SUCCESS) memset(&st, 0, sizeof st);
+        orphan_done(m, op, &st);
+        return;
     }
     int flag = 0;
     MPI_Status st;

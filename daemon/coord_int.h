@@ -197,6 +197,7 @@ typedef struct {
     /* transfer and time statistics of the disaggregated requests it took part in */
     int64_t x_count, x_bytes;    /* transfers it sent (P) or received (D), KV payload bytes */
     double x_ms;                 /* P: summed send time (first layer to last completion) */
+    double x_tail_ms;            /* P: summed part of it after the last layer was shipped */
     int64_t sh_n;                /* requests finished whose time is split below */
     double sh_queue, sh_prefill, sh_transfer, sh_decode; /* summed ms */
 } cgroup;

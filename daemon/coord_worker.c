@@ -973,6 +973,7 @@ json_t *coord_status_json(coord_t *c)
         o->transfer_bytes = g->x_bytes;
         o->transfer_ms = g->x_ms;
         o->transfer_gbps = g->x_ms > 0 ? (double)g->x_bytes / (g->x_ms * 1e6) : 0;
+        o->transfer_tail_ms = g->x_tail_ms;
         double tot = g->sh_queue + g->sh_prefill + g->sh_transfer + g->sh_decode;
         if (tot > 0) {
             o->share_queue = g->sh_queue / tot;

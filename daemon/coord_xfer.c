@@ -311,6 +311,7 @@ void coord_on_kv_ready(coord_t *c, cworker *w, const proto_kv_ready *m)
     p->x_bytes += m->bytes;
     c->st_x_bytes += m->bytes;
     p->x_ms += m->send_ms;
+    p->x_tail_ms += m->tail_ms;
     proto_assign a;
     coord_assign_body(r, PROTO_ROLE_DECODE, &a);
     a.rng = r->rng[0] ? r->rng : NULL;

@@ -1165,6 +1165,7 @@ static const field f_group_status[] = {
     FI64(proto_group_status, transfer_bytes, FL_OMIT, 0, 0, MAXI),
     FDBL(proto_group_status, transfer_ms, FL_OMIT, 0, 0, INF),
     FDBL(proto_group_status, transfer_gbps, FL_OMIT, 0, 0, INF),
+    FDBL(proto_group_status, transfer_tail_ms, FL_OMIT, 0, 0, INF),
     FDBL(proto_group_status, share_queue, FL_OMIT, 0, 0, 1),
     FDBL(proto_group_status, share_prefill, FL_OMIT, 0, 0, 1),
     FDBL(proto_group_status, share_transfer, FL_OMIT, 0, 0, 1),
@@ -1500,6 +1501,7 @@ static const field f_kv_ready[] = {
     FSTR(proto_kv_ready, rng, FL_OMIT, 64, 64, CS_HEX),
     FI64(proto_kv_ready, bytes, FL_OMIT, 0, 0, MAXI),
     FDBL(proto_kv_ready, send_ms, FL_OMIT, 0, 0, 1e9),
+    FDBL(proto_kv_ready, tail_ms, FL_OMIT, 0, 0, 1e9),
 };
 static const schema s_kv_ready = {sizeof(proto_kv_ready), f_kv_ready, NF(f_kv_ready), 0,
                                   check_kv_ready};

@@ -415,9 +415,12 @@ typedef struct {
     int64_t kv_blocks_free;
     int64_t kv_blocks_cached; /* unreferenced but kept for prefix hits */
     /* disaggregated groups (omitted when 0): KV transfers this group sent (prefill) or
-     * received (decode), their payload, the senders' summed send time and its bandwidth */
+     * received (decode), their payload, the senders' summed send time and its bandwidth,
+     * and the summed part of the send time after the last layer was shipped (the part the
+     * prefill's forward pass did not hide; transfer_ms includes the overlapped compute, so
+     * transfer_gbps is a lower bound on what the data plane can do) */
     int64_t transfers, transfer_bytes;
-    double transfer_ms, transfer_gbps;
+    double transfer_ms, transfer_gbps, transfer_tail_ms;
     /* decode groups: of the finished requests' time, the shares (0..1) spent queued,
      * prefilling (to the first token), transferring (first token to all KV arrived) and
      * decoding */
@@ -678,6 +681,8 @@ typedef struct {
     int64_t bytes;         /* KV payload bytes this rank sent (optional, 0) */
     double send_ms;        /* from the first layer shipped to the last send's completion
                               (optional, 0): bytes / send_ms is the achieved bandwidth */
+    double tail_ms;        /* of send_ms, the part after the last layer was shipped: what the
+                              prefill's forward pass did not hide (optional, 0) */
 } proto_kv_ready;
 
 /* kv_ack (decode leader -> duetd) and release (duetd -> either leader). */

@@ -50,6 +50,7 @@ typedef struct {
     int n_tokens;     /* prefill: context tokens whose KV was sent */
     int64_t bytes;    /* prefill: KV bytes sent */
     double send_ms;   /* prefill: shipping time */
+    double tail_ms;   /* prefill: of which after the last layer was shipped */
     sample_rng rng;   /* prefill: the PRNG after the first token */
 } live_req;
 
@@ -1679,6 +1680,7 @@ static int send_kv_ready(wrk_t *w, live_req *lr)
     k.rng = hex;
     k.bytes = lr->bytes;
     k.send_ms = lr->send_ms;
+    k.tail_ms = lr->tail_ms;
     LOG_D(w, "kv_ready transfer %" PRId64 " (rid %" PRId64 "): %d tokens, %" PRId64 " bytes in "
           "%.2f ms", lr->xfer, lr->rid, lr->n_tokens, lr->bytes, lr->send_ms);
     live_del(w, lr);
@@ -1712,6 +1714,7 @@ static int xfer_events(wrk_t *w)
             lr->sent = 1;
             lr->bytes = (int64_t)ev.bytes;
             lr->send_ms = ev.ms;
+            lr->tail_ms = ev.tail_ms;
             lr->n_tokens = ev.n_tokens;
             if (lr->done && send_kv_ready(w, lr) != 0) return -1;
             break;

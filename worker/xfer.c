@@ -8,6 +8,11 @@
 #include <time.h>
 
 #define XF_ALIGN 64 /* each message's slot in a transfer's buffer */
+/* Transfer buffers are kept for reuse: a fresh buffer of tens or hundreds of MB costs a page
+ * fault per 4 KiB on first touch, which bench_comm's KV table showed to cost more than the
+ * copies themselves. At most XF_SPARES buffers and XF_SPARE_BYTES are kept. */
+#define XF_SPARES 4
+#define XF_SPARE_BYTES ((size_t)512 << 20)
 
 /* One message slot: a layer's KV for one peer. */
 typedef struct {
@@ -25,7 +30,8 @@ typedef struct xf {
     xf_link *links;     /* [n_links] */
     int n_links;
     int n_layers;
-    uint8_t *buf;       /* [total] slots */
+    uint8_t *buf;       /* [buf_cap] slots */
+    size_t buf_cap;
     size_t *off, *len;  /* [n_layers * n_links] slot offset and message bytes (checksum included) */
     comm_op_t **ops;    /* [n_layers * n_links] */
     uint8_t *done;      /* [n_layers * n_links] */
@@ -33,6 +39,7 @@ typedef struct xf {
     int layers_shipped; /* send: layers packed and posted */
     int64_t deadline, lease_ms;
     double t0;
+    double t_last;      /* send: when the last layer was posted (the prefill's compute is done) */
     size_t bytes;
     struct xf *next;
 } xf;
@@ -48,6 +55,11 @@ struct xfer_engine {
     int ev_head, ev_len, ev_cap;
     xfer_stats st;
     int drop_layer;    /* fault injection (DUET_FAULT_DROP_LAYER): never send this layer, or -1 */
+    struct {
+        uint8_t *p;
+        size_t cap;
+    } spare[XF_SPARES]; /* buffers kept for reuse (no transport holds them) */
+    size_t spare_bytes;
 };
 
 static double mono_ms(void)
@@ -121,7 +133,9 @@ static xfer_event *push_ev(xfer_t *x, xfer_event_type type, const xf *t)
     e->n_tokens = t->n_tokens;
     e->tok0 = t->tok0;
     e->bytes = t->bytes;
-    e->ms = t->t0 > 0 ? mono_ms() - t->t0 : 0;
+    const double now = mono_ms();
+    e->ms = t->t0 > 0 ? now - t->t0 : 0;
+    e->tail_ms = t->send && t->t_last > 0 ? now - t->t_last : 0;
     return e;
 }
 
@@ -151,11 +165,59 @@ static void unlink_xf(xfer_t *x, xf *t)
         }
 }
 
-static void free_xf(xf *t)
+/* A buffer of at least size bytes: the smallest spare that fits, or a new one. */
+static uint8_t *buf_get(xfer_t *x, size_t size, size_t *cap)
+{
+    int best = -1;
+    for (int i = 0; i < XF_SPARES; i++)
+        if (x->spare[i].p && x->spare[i].cap >= size && (best < 0 || x->spare[i].cap < x->spare[best].cap))
+            best = i;
+    if (best >= 0) {
+        uint8_t *p = x->spare[best].p;
+        *cap = x->spare[best].cap;
+        x->spare_bytes -= *cap;
+        x->spare[best].p = NULL;
+        x->spare[best].cap = 0;
+        return p;
+    }
+    *cap = size;
+    return aligned_alloc(XF_ALIGN, size);
+}
+
+/* Keep a buffer that no transport holds any more for reuse, or free it: a free slot, else
+ * the place of a smaller spare, within XF_SPARE_BYTES. */
+static void buf_put(xfer_t *x, uint8_t *p, size_t cap)
+{
+    if (!p) return;
+    if (!x) {
+        free(p);
+        return;
+    }
+    int slot = -1;
+    for (int i = 0; i < XF_SPARES && slot < 0; i++)
+        if (!x->spare[i].p) slot = i;
+    if (slot < 0)
+        for (int i = 0; i < XF_SPARES; i++)
+            if (x->spare[i].cap < cap && (slot < 0 || x->spare[i].cap < x->spare[slot].cap)) slot = i;
+    if (slot < 0 || x->spare_bytes - x->spare[slot].cap + cap > XF_SPARE_BYTES) {
+        free(p);
+        return;
+    }
+    if (x->spare[slot].p) {
+        x->spare_bytes -= x->spare[slot].cap;
+        free(x->spare[slot].p);
+    }
+    x->spare[slot].p = p;
+    x->spare[slot].cap = cap;
+    x->spare_bytes += cap;
+}
+
+/* Free t; its buffer goes to x's spares (x NULL: freed). */
+static void free_xf(xfer_t *x, xf *t)
 {
     if (!t) return;
     free(t->links);
-    free(t->buf);
+    buf_put(x, t->buf, t->buf_cap);
     free(t->off);
     free(t->len);
     free(t->ops);
@@ -198,7 +260,7 @@ static void drop_xf(xfer_t *x, xf *t)
         kv_seq_free(x->kv, t->seq);
         t->seq = -1;
     }
-    free_xf(t);
+    free_xf(x, t);
 }
 
 static void fail_xf(xfer_t *x, xf *t, xfer_event_type type, const char *fmt, ...)
@@ -285,7 +347,7 @@ static xfer_status make_slots(xfer_t *x, xf *t, char *err, size_t errlen)
             t->len[s] = b + sizeof(uint64_t);
             total += (t->len[s] + XF_ALIGN - 1) / XF_ALIGN * XF_ALIGN;
         }
-    if (n_tok > 0 && !(t->buf = aligned_alloc(XF_ALIGN, total))) return XFER_ERR_NOMEM;
+    if (n_tok > 0 && !(t->buf = buf_get(x, total, &t->buf_cap))) return XFER_ERR_NOMEM;
     return XFER_OK;
 }
 
@@ -346,7 +408,7 @@ static void reap_zombies(xfer_t *x)
         t->next = NULL;
         for (int i = 0; i < t->n_slots; i++)
             if (t->ops[i] && x->comm) comm_op_free(x->comm, &t->ops[i]);
-        free_xf(t);
+        free_xf(x, t);
     }
 }
 
@@ -365,13 +427,14 @@ void xfer_destroy(xfer_t **self_p)
         if (x->comm)
             for (int i = 0; i < t->n_slots; i++)
                 if (t->ops[i]) comm_cancel(x->comm, &t->ops[i]);
-        free_xf(t);
+        free_xf(NULL, t);
     }
     while (x->orphans) {
         xf *t = x->orphans;
         x->orphans = t->next;
-        free_xf(t);
+        free_xf(NULL, t);
     }
+    for (int i = 0; i < XF_SPARES; i++) free(x->spare[i].p);
     free(x->ev);
     free(x);
     *self_p = NULL;
@@ -590,7 +653,7 @@ xfer_status xfer_send_begin(xfer_t *x, int64_t id, uint64_t rid, const xfer_peer
     t->lease_ms = lease_ms > 0 ? lease_ms : 1;
     xfer_status rc = make_links(x, t, dst, n_dst, err, errlen);
     if (rc != XFER_OK) {
-        free_xf(t);
+        free_xf(x, t);
         return rc;
     }
     t->next = x->head;
@@ -633,6 +696,7 @@ void xfer_ship(xfer_t *x, int64_t id, int seq, int layer, int n_tokens)
     }
     const int n_tok = t->n_tokens - t->tok0;
     t->layers_shipped++;
+    if (t->layers_shipped == t->n_layers) t->t_last = mono_ms();
     if (n_tok <= 0) {
         if (t->layers_shipped == t->n_layers) t->complete = 1; /* nothing to move */
         return;

@@ -68,6 +68,9 @@ typedef struct {
     int tok0;          /* first position moved (the receiver's cached prefix) */
     size_t bytes;      /* payload bytes moved by this rank (all layers, all peers) */
     double ms;         /* from reserve (decode) or the first layer shipped (prefill) to the end */
+    double tail_ms;    /* SENT: from the last layer shipped to the end, the part of the send
+                          that the prefill's forward pass did not hide (an upper bound: the
+                          end is seen at the next xfer_poll) */
     char msg[192];     /* FAILED / EXPIRED: what happened */
 } xfer_event;
 
