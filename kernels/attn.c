@@ -54,8 +54,9 @@ static void load_rows(const attn_kv_view *kv, int avx2, const void *base, const 
     }
     case DTYPE_I8: {
         const int8_t *src = (const int8_t *)base + row0;
-        const float sc = scales[(size_t)block * kv->n_kv_head + head];
-        for (size_t i = 0; i < cnt; i++) dst[i] = (float)src[i] * sc;
+        const float *sc = scales + row0 / (size_t)hd; /* one scale per row */
+        for (int r = 0; r < n; r++)
+            for (int i = 0; i < hd; i++) dst[(size_t)r * hd + i] = (float)src[(size_t)r * hd + i] * sc[r];
         break;
     }
     default:

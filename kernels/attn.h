@@ -28,8 +28,8 @@ typedef struct {
     int block_tokens;
     const void *k;          /* [n_blocks][n_kv_head][block_tokens][head_dim] of dtype */
     const void *v;          /* same shape */
-    const float *k_scale;   /* int8 only: [n_blocks][n_kv_head] */
-    const float *v_scale;   /* int8 only: [n_blocks][n_kv_head] */
+    const float *k_scale;   /* int8 only: [n_blocks][n_kv_head][block_tokens], one per row */
+    const float *v_scale;   /* int8 only: same */
 } attn_kv_view;
 
 /* One query row: a token of some sequence. */

@@ -49,7 +49,7 @@ struct kv_cache {
     size_t layer_bytes;     /* bytes of one layer's K (or V) array */
     unsigned char *data;    /* [n_layers][2][n_blocks][nh][bt][hd], mmap'ed */
     size_t data_bytes;
-    float *scales;          /* int8: [n_layers][2][n_blocks][nh] */
+    float *scales;          /* int8: [n_layers][2][n_blocks][nh][bt], one per row */
     kv_block *blk;          /* [n_blocks] */
     int32_t *btok;          /* [n_blocks][bt]: token ids of cached blocks */
     int32_t *free_ids;      /* stack, n_free used */
@@ -98,7 +98,7 @@ size_t kv_block_bytes(const kv_config *cfg)
         return 0;
     size_t per = (size_t)cfg->n_layers * 2 * cfg->n_kv_heads;
     size_t b = per * (size_t)bt * (size_t)cfg->head_dim * es;
-    if (cfg->dtype == DTYPE_I8) b += per * sizeof(float);
+    if (cfg->dtype == DTYPE_I8) b += per * (size_t)bt * sizeof(float);
     return b;
 }
 
@@ -147,7 +147,7 @@ kv_status kv_new(const kv_config *cfg, kv_cache_t **out)
             for (size_t off = 0; off < kv->data_bytes; off += 4096) ((volatile unsigned char *)d)[off] = 0;
     }
     if (cfg->dtype == DTYPE_I8)
-        kv->scales = calloc((size_t)cfg->n_layers * 2 * nb * kv->nh, sizeof(float));
+        kv->scales = calloc((size_t)cfg->n_layers * 2 * nb * kv->nh * kv->bt, sizeof(float));
     kv->blk = calloc(nb, sizeof *kv->blk);
     kv->btok = calloc(nb * kv->bt, sizeof *kv->btok);
     kv->free_ids = calloc(nb, sizeof *kv->free_ids);
@@ -212,9 +212,10 @@ static inline unsigned char *tile(const kv_cache_t *kv, int layer, int which, in
            ((size_t)block * kv->nh + head) * kv->tile_elems * kv->esz;
 }
 
-static inline float *scale_row(const kv_cache_t *kv, int layer, int which, int block)
+/* int8: the scales of one block, layer and K or V: [nh][bt] (rows in tile order). */
+static inline float *scale_tile(const kv_cache_t *kv, int layer, int which, int block)
 {
-    return kv->scales + (((size_t)layer * 2 + which) * kv->n_blocks + block) * kv->nh;
+    return kv->scales + (((size_t)layer * 2 + which) * kv->n_blocks + block) * kv->nh * kv->bt;
 }
 
 static int layer_ok(const kv_cache_t *kv, int layer) { return layer >= 0 && layer < kv->cfg.n_layers; }
@@ -238,13 +239,13 @@ void *kv_v_layer(kv_cache_t *kv, int layer) { return kv_v_block(kv, layer, 0, 0)
 float *kv_k_scales(kv_cache_t *kv, int layer, int block)
 {
     if (!kv || !kv->scales || !layer_ok(kv, layer) || !block_ok(kv, block)) return NULL;
-    return scale_row(kv, layer, 0, block);
+    return scale_tile(kv, layer, 0, block);
 }
 
 float *kv_v_scales(kv_cache_t *kv, int layer, int block)
 {
     if (!kv || !kv->scales || !layer_ok(kv, layer) || !block_ok(kv, block)) return NULL;
-    return scale_row(kv, layer, 1, block);
+    return scale_tile(kv, layer, 1, block);
 }
 
 /* ---- hashing and the hash table ---------------------------------------------------------- */
@@ -333,12 +334,14 @@ static void uncache(kv_cache_t *kv, int b)
     kv->n_cached--;
 }
 
-/* Reset int8 scales of a block about to be written from scratch. */
+/* Reset int8 scales of a block about to be written from scratch (rows never written read
+ * as 0). */
 static void clear_scales(kv_cache_t *kv, int b)
 {
     if (!kv->scales) return;
     for (int l = 0; l < kv->cfg.n_layers; l++)
-        for (int w = 0; w < 2; w++) memset(scale_row(kv, l, w, b), 0, (size_t)kv->nh * sizeof(float));
+        for (int w = 0; w < 2; w++)
+            memset(scale_tile(kv, l, w, b), 0, (size_t)kv->nh * kv->bt * sizeof(float));
 }
 
 /* Take one block (ref = 1); the caller checked that one is available. */
@@ -384,7 +387,8 @@ static void copy_block(kv_cache_t *kv, int dst, int src)
         for (int w = 0; w < 2; w++) {
             memcpy(tile(kv, l, w, dst, 0), tile(kv, l, w, src, 0), bytes);
             if (kv->scales)
-                memcpy(scale_row(kv, l, w, dst), scale_row(kv, l, w, src), (size_t)kv->nh * sizeof(float));
+                memcpy(scale_tile(kv, l, w, dst), scale_tile(kv, l, w, src),
+                       (size_t)kv->nh * kv->bt * sizeof(float));
         }
 }
 
@@ -699,23 +703,17 @@ static void store_row(kv_cache_t *kv, int layer, int which, int b, int slot, con
             break;
         }
         case DTYPE_I8: {
-            float *sc = &scale_row(kv, layer, which, b)[h];
-            int8_t *q = (int8_t *)t;
+            /* one scale per row: a row's values depend on that row only, so the KV (and
+             * everything computed from it) is the same whatever the order, chunking or
+             * batching that wrote the block */
+            float *sc = &scale_tile(kv, layer, which, b)[(size_t)h * kv->bt + (size_t)slot];
             float amax = 0;
             for (int i = 0; i < hd; i++) {
                 float a = fabsf(src[i]);
-                if (a > amax) amax = a;
+                if (a > amax) amax = a; /* NaN compares false: it does not widen the range */
             }
-            if (amax > *sc * 127.0f) { /* widen the block's range: requantize the other rows */
-                float ns = amax / 127.0f, r = *sc / ns;
-                for (int row = 0; row < kv->bt; row++) {
-                    if (row == slot) continue;
-                    int8_t *qr = q + (size_t)row * hd;
-                    for (int i = 0; i < hd; i++) qr[i] = (int8_t)lrintf((float)qr[i] * r);
-                }
-                *sc = ns;
-            }
-            int8_t *qr = q + (size_t)slot * hd;
+            *sc = amax / 127.0f;
+            int8_t *qr = (int8_t *)t + (size_t)slot * hd;
             float inv = *sc > 0 ? 1.0f / *sc : 0.0f;
             for (int i = 0; i < hd; i++) {
                 float v = rintf(src[i] * inv);
@@ -750,7 +748,7 @@ static void load_row(const kv_cache_t *kv, int layer, int which, int b, int slot
             break;
         }
         case DTYPE_I8: {
-            const float sc = scale_row(kv, layer, which, b)[h];
+            const float sc = scale_tile(kv, layer, which, b)[(size_t)h * kv->bt + (size_t)slot];
             const int8_t *q = (const int8_t *)t + (size_t)slot * hd;
             for (int i = 0; i < hd; i++) dst[i] = (float)q[i] * sc;
             break;
@@ -793,13 +791,11 @@ static int range_ok(const kv_cache_t *kv, int layer0, int n_layers, int head0, i
            head0 - kv->cfg.kv_head0 <= kv->nh - n_heads;
 }
 
-static size_t sblk_count(const kv_cache_t *kv, int n_tok) { return (size_t)n_blocks_for(kv, n_tok); }
-
 /* Bytes of one layer's part. */
 static size_t layer_part_bytes(const kv_cache_t *kv, int n_heads, int n_tok)
 {
     size_t b = 2 * (size_t)n_heads * n_tok * kv->hd * kv->esz;
-    if (kv->scales) b += 2 * (size_t)n_heads * sblk_count(kv, n_tok) * sizeof(float);
+    if (kv->scales) b += 2 * (size_t)n_heads * n_tok * sizeof(float);
     return b;
 }
 
@@ -815,13 +811,6 @@ size_t kv_pack_size(const kv_cache_t *kv, int seq, int layer0, int n_layers, int
     const kv_seq *s = get_seq(kv, seq);
     if (!s) return 0;
     return kv_pack_range_size(kv, layer0, n_layers, head0, n_heads, s->len);
-}
-
-/* int8 ranges start on a block boundary and end on one or at the sequence's end. */
-static int i8_range_ok(const kv_cache_t *kv, const kv_seq *s, int tok0, int n_tok)
-{
-    if (!kv->scales) return 1;
-    return tok0 % kv->bt == 0 && ((tok0 + n_tok) % kv->bt == 0 || tok0 + n_tok == s->len);
 }
 
 /* Packs and unpacks at least this large bypass the caches (streaming stores): the data is
@@ -899,14 +888,23 @@ static void copy_rows(const kv_cache_t *kv, const kv_seq *s, int layer, int whic
     }
 }
 
-static void copy_scales(const kv_cache_t *kv, const kv_seq *s, int layer, int which, int head,
-                        int tok0, int n_tok, unsigned char *p, int to_buf)
+/* The int8 scales of rows [tok0, tok0+n_tok) of one (layer, which) for local heads
+ * [h0, h0+n_heads), between the pool and n_heads dense [n_tok] f32 runs at p. */
+static void copy_scales(const kv_cache_t *kv, const kv_seq *s, int layer, int which, int h0,
+                        int n_heads, int tok0, int n_tok, unsigned char *p, int to_buf)
 {
-    const int b0 = tok0 / kv->bt, nb = (int)sblk_count(kv, n_tok);
-    for (int i = 0; i < nb; i++, p += sizeof(float)) {
-        float *sc = &scale_row(kv, layer, which, s->blocks[b0 + i])[head];
-        if (to_buf) memcpy(p, sc, sizeof(float));
-        else memcpy(sc, p, sizeof(float));
+    const size_t run = (size_t)n_tok * sizeof(float);
+    for (int t = tok0, end = tok0 + n_tok; t < end;) {
+        int slot = t % kv->bt, n = kv->bt - slot;
+        if (n > end - t) n = end - t;
+        const float *tile_sc = scale_tile(kv, layer, which, s->blocks[t / kv->bt]);
+        unsigned char *q = p + (size_t)(t - tok0) * sizeof(float);
+        for (int h = h0; h < h0 + n_heads; h++, q += run) {
+            float *sc = (float *)tile_sc + (size_t)h * kv->bt + (size_t)slot;
+            if (to_buf) memcpy(q, sc, (size_t)n * sizeof(float));
+            else memcpy(sc, q, (size_t)n * sizeof(float));
+        }
+        t += n;
     }
 }
 
@@ -915,15 +913,14 @@ static void move_body(const kv_cache_t *kv, const kv_seq *s, int layer0, int n_l
                       int n_heads, int tok0, int n_tok, unsigned char *p, int to_buf)
 {
     const size_t run = (size_t)n_tok * kv->hd * kv->esz;
-    const size_t srun = sblk_count(kv, n_tok) * sizeof(float);
+    const size_t srun = (size_t)n_tok * sizeof(float);
     const int nt = (size_t)n_layers * 2 * n_heads * run >= KV_STREAM_MIN_BYTES;
     for (int l = layer0; l < layer0 + n_layers; l++) {
         for (int w = 0; w < 2; w++, p += n_heads * run)
             copy_rows(kv, s, l, w, h0, n_heads, tok0, n_tok, p, to_buf, nt);
         if (kv->scales)
-            for (int w = 0; w < 2; w++)
-                for (int h = h0; h < h0 + n_heads; h++, p += srun)
-                    copy_scales(kv, s, l, w, h, tok0, n_tok, p, to_buf);
+            for (int w = 0; w < 2; w++, p += n_heads * srun)
+                copy_scales(kv, s, l, w, h0, n_heads, tok0, n_tok, p, to_buf);
     }
     copy_fence(nt);
 }
@@ -935,7 +932,7 @@ kv_status kv_pack_range(const kv_cache_t *kv, int seq, int layer0, int n_layers,
     const kv_seq *s = get_seq(kv, seq);
     if (!s) return KV_ERR_NOSEQ;
     if (!range_ok(kv, layer0, n_layers, head0, n_heads) || tok0 < 0 || n_tok < 0 ||
-        tok0 > s->len - n_tok || !i8_range_ok(kv, s, tok0, n_tok))
+        tok0 > s->len - n_tok)
         return KV_ERR_INVAL;
     size_t need = kv_pack_range_size(kv, layer0, n_layers, head0, n_heads, n_tok);
     if (!buf || cap < need) return KV_ERR_BUFSIZE;
@@ -968,13 +965,13 @@ kv_status kv_unpack_range(kv_cache_t *kv, int seq, int layer0, int n_layers, int
     kv_seq *s = get_seq(kv, seq);
     if (!s) return KV_ERR_NOSEQ;
     if (!range_ok(kv, layer0, n_layers, head0, n_heads) || tok0 < 0 || n_tok < 0 ||
-        tok0 > s->len - n_tok || !i8_range_ok(kv, s, tok0, n_tok) || !buf)
+        tok0 > s->len - n_tok || !buf)
         return KV_ERR_INVAL;
     kv_pack_header hdr;
     if (len < sizeof hdr) return KV_ERR_SHAPE;
     memcpy(&hdr, buf, sizeof hdr);
     if (hdr.magic != KV_PACK_MAGIC || hdr.dtype != (uint32_t)kv->cfg.dtype ||
-        hdr.head_dim != kv->hd || (kv->scales && hdr.block_tokens != kv->bt) ||
+        hdr.head_dim != kv->hd ||
         hdr.layer0 != layer0 || hdr.n_layers != n_layers || hdr.head0 != head0 ||
         hdr.n_heads != n_heads || hdr.tok0 != tok0 || hdr.n_tok != n_tok ||
         len != kv_pack_range_size(kv, layer0, n_layers, head0, n_heads, n_tok))

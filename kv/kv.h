@@ -13,7 +13,11 @@
  * tile (kv_k_block). Position p of a sequence lives in block table[p / block_tokens],
  * row p % block_tokens of that tile. Attention walks a sequence tile by tile; nothing is
  * gathered. For int8 there is, per layer, one K and one V scale array of
- * [n_blocks][n_kv_heads] floats: value = q * scale.
+ * [n_blocks][n_kv_heads][block_tokens] floats, one per row (token and head):
+ * value = q * scale, scale = the row's amax / 127. A row's bytes depend on that row
+ * only, so the same tokens give the same KV whatever the chunking, batching or order
+ * that wrote them (a per-block scale would requantize earlier rows as later ones
+ * arrive, and a prompt prefilled in other chunks would then decode differently).
  *
  *   layer l, K:  block 0                      block 1                     ...
  *               +----------+----------+-----+----------+----------+-----+
@@ -156,16 +160,15 @@ void *kv_v_block(kv_cache_t *kv, int layer, int block, int head);
  * elements (what kernels/attn.h's attn_kv_view.k/.v take). NULL for a bad layer. */
 void *kv_k_layer(kv_cache_t *kv, int layer);
 void *kv_v_layer(kv_cache_t *kv, int layer);
-/* int8 only: the scales of one block and layer: [n_kv_heads] floats (value = q * scale);
- * block 0 gives the layer's whole [n_blocks][n_kv_heads] array. NULL for other dtypes
- * or a bad index. */
+/* int8 only: the scales of one block and layer: [n_kv_heads][block_tokens] floats, one
+ * per row (value = q * scale); block 0 gives the layer's whole
+ * [n_blocks][n_kv_heads][block_tokens] array. NULL for other dtypes or a bad index. */
 float *kv_k_scales(kv_cache_t *kv, int layer, int block);
 float *kv_v_scales(kv_cache_t *kv, int layer, int block);
 /* Write K and V of position pos (< kv_seq_len) of seq for one layer from f32:
- * k, v: [n_kv_heads][head_dim]. Rounds to nearest for f16/bf16. int8: one scale per
- * block and head, amax/127 of the rows written so far; when a new row exceeds the
- * block's range, the block's other rows of that head are requantized to the new scale
- * (each requantization adds at most half a step of error). KV_ERR_INVAL when the block
+ * k, v: [n_kv_heads][head_dim]. Rounds to nearest for f16/bf16. int8: each row (token and
+ * head) gets its own scale, amax/127 of that row, and rounds to nearest; no other row
+ * changes. KV_ERR_INVAL when the block
  * holding pos is shared or cached (read-only). */
 kv_status kv_store(kv_cache_t *kv, int seq, int layer, int pos, const float *k, const float *v);
 /* Read back K and V of one position as f32: k, v: [n_kv_heads][head_dim]. */
@@ -196,11 +199,10 @@ int kv_can_append(const kv_cache_t *kv, int seq, int n_tokens);
  *     K: for each head h in [head0, head0 + n_heads): [n_tok][head_dim] elements of dtype
  *     V: same
  *     int8 only:
- *     K scales: for each head h: [n_sblk] f32   (n_sblk = blocks covering the positions,
- *     V scales: same                             i.e. ceil(n_tok / block_tokens))
- * Rows are dense (no block padding), so float data moves between pools with different
- * block_tokens; int8 ranges must start on a block boundary and end on one or at the
- * sequence's end, and both pools must use the same block_tokens. Parts are 4-byte
+ *     K scales: for each head h: [n_tok] f32 (one per row)
+ *     V scales: same
+ * Rows are dense (no block padding), so KV of every dtype moves between pools with
+ * different block_tokens, and any range of positions can be packed. Parts are 4-byte
  * aligned when head_dim % 4 == 0. One layer's part is contiguous, so a transfer can
  * stream layer by layer (n_layers = 1 per call).
  * Speed: one memcpy per block, head and K/V (block_tokens * head_dim elements); copies of
@@ -212,7 +214,7 @@ typedef struct {
     uint32_t magic;        /* KV_PACK_MAGIC */
     uint32_t dtype;        /* dtype_t of the elements */
     int32_t head_dim;      /* elements per row */
-    int32_t block_tokens;  /* the source pool's (matters for int8 scales only) */
+    int32_t block_tokens;  /* the source pool's (informative) */
     int32_t layer0, n_layers;
     int32_t head0, n_heads; /* global KV heads */
     int32_t tok0, n_tok;   /* positions */

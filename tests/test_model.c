@@ -348,6 +348,55 @@ static void test_kv_types_agree(void **state)
     model_destroy(&m);
 }
 
+/* The KV a sequence leaves in the cache, and its logits, do not depend on how its tokens
+ * were split into forward passes (one prefill, token by token, odd chunks): the same bytes
+ * for every KV type. This is what lets a request's KV be rebuilt on another worker (a
+ * retry after a decode worker died re-prefills the prompt and the tokens generated so
+ * far) or prefilled in whatever chunks the batch leaves room for, and still decode the
+ * tokens single-process generation gives. */
+static void test_kv_independent_of_chunking(void **state)
+{
+    (void)state;
+    const char *path = model_path("llama", DTYPE_Q4_1, 0, 4, 2);
+    model_t *m = load(path, 0, 1);
+    const int V = model_hparams_of(m)->n_vocab, N = 37, L = model_hparams_of(m)->n_layer;
+    const int H = model_hparams_of(m)->n_head_kv;
+    model_ctx_t *ctx = NULL;
+    assert_int_equal(model_ctx_new(m, 64, 2, &ctx), 0);
+    int32_t tok[64];
+    prompt(tok, N, V, 23);
+    const int chunks[] = {N, 1, 5, 16};
+    const dtype_t kts[] = {DTYPE_F32, DTYPE_F16, DTYPE_BF16, DTYPE_I8};
+    for (int t = 0; t < 4; t++) {
+        kv_cache_t *kv = new_kv(m, kts[t]);
+        float *lg[4];
+        void *pk[4];
+        size_t n_pk = 0;
+        for (int c = 0; c < 4; c++) {
+            lg[c] = malloc((size_t)N * V * sizeof(float));
+            assert_non_null(lg[c]);
+            int seq;
+            run_seq(ctx, m, kv, tok, N, chunks[c], lg[c], &seq);
+            n_pk = kv_pack_size(kv, seq, 0, L, 0, H);
+            pk[c] = malloc(n_pk);
+            assert_int_equal(kv_pack(kv, seq, 0, L, 0, H, pk[c], n_pk, NULL), KV_OK);
+            assert_int_equal(kv_seq_free(kv, seq), KV_OK);
+            if (c == 0) continue;
+            if (memcmp(pk[c], pk[0], n_pk) != 0)
+                fail_msg("kv %s: the KV of chunks of %d differs from one prefill's", dtype_name(kts[t]), chunks[c]);
+            if (memcmp(lg[c], lg[0], (size_t)N * V * sizeof(float)) != 0)
+                fail_msg("kv %s: logits with chunks of %d differ from one prefill's", dtype_name(kts[t]), chunks[c]);
+        }
+        for (int c = 0; c < 4; c++) {
+            free(lg[c]);
+            free(pk[c]);
+        }
+        kv_destroy(&kv);
+    }
+    model_ctx_destroy(&ctx);
+    model_destroy(&m);
+}
+
 static void test_prefix_hit_equals_miss(void **state)
 {
     (void)state;
@@ -643,6 +692,7 @@ int main(void)
         cmocka_unit_test(test_matches_dense_reference),
         cmocka_unit_test(test_decode_equals_recompute_all_types),
         cmocka_unit_test(test_kv_types_agree),
+        cmocka_unit_test(test_kv_independent_of_chunking),
         cmocka_unit_test(test_prefix_hit_equals_miss),
         cmocka_unit_test(test_batch_equals_alone),
         cmocka_unit_test(test_tensor_parallel),

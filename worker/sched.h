@@ -15,11 +15,12 @@
  * the same prompt and parameters (same model_forward, sampler history = prompt + tokens
  * generated so far, one PRNG per request), as long as model_forward gives every token
  * row the same logits bit for bit whatever the batch around it and however the prompt
- * is chunked. That holds for F32/F16/BF16 weights and for the portable kernels; the
- * AVX2 kernels of the quantized types use another summation order for tiles of 4
- * tokens, so there batched logits differ in their last bits and a near tie can flip a
- * token (measured on SmolLM2 Q4_1 with random prompts: 6 of 16 greedy outputs diverge;
- * 0 of 16 with DUET_NO_AVX2=1).
+ * is chunked. That holds for every weight type and kernel (the AVX2 kernels' 4-token
+ * tiles do a single token's float operations in the same order: tests/test_kernels)
+ * and for every KV type (int8 KV has one scale per row, so a row's bytes never depend
+ * on rows written after it: tests/test_model's test_kv_independent_of_chunking). So a
+ * request recomputed from its prompt and generated tokens (after a preemption, or a
+ * retry on another worker) continues with the same tokens.
  *
  * Prefix caching: on admission the longest cached prefix of the prompt (all but its
  * last token) is attached instead of computed; the cached prompt tokens are reported
