@@ -256,7 +256,7 @@ static double kv_side(comm_t *c, int rank, const kv_layout *l, int reps, sync_fn
         for (int i = 0; i < l->n_tokens; i++) ctx[i] = 1000 + (i * 31 + r * 7919) % 30000; /* no prefix hits */
         int seq = -1, cached = 0, n_tok = 0;
         if (rank == 1) {
-            if (xfer_reserve(x, id, (uint64_t)id, ctx, l->n_tokens, &peer, 1, (int64_t)wall_ms() + WAIT_MS,
+            if (xfer_reserve(x, id, (uint64_t)id, ctx, l->n_tokens, &peer, 1, WAIT_MS,
                              &cached, err, sizeof err) != XFER_OK)
                 break;
         } else {

@@ -138,7 +138,7 @@ static const param params[] = {
     {SEC_DAEMON, "request_timeout_ms", T_INT, "600000", 0, 86400000, NULL, 1,
      D_(request_timeout_ms), "longest life of a request, milliseconds; 0: no limit"},
     {SEC_DAEMON, "transfer_lease_ms", T_INT, "30000", 10, 3600000, NULL, 1, D_(transfer_lease_ms),
-     "disaggregated groups: how long a KV reservation may wait for its KV, milliseconds"},
+     "disaggregated groups: how long a KV transfer may go without progress, milliseconds"},
     {SEC_DAEMON, "log_level", T_ENUM, "info", 0, 0, &loglvl, 1, D_(log_level),
      "least severe message logged"},
 

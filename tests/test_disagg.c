@@ -99,6 +99,12 @@ static int teardown(void **state)
     return tu_rmtree(tmpdir);
 }
 
+/* Heartbeats: every 500 ms, dead after 5 missed; DISAGG_HEARTBEAT_MS and DISAGG_DEAD_AFTER
+ * override them (short values make duetd declare busy workers dead: a stress test of the
+ * failure paths). */
+static int hb_ms(void) { return getenv("DISAGG_HEARTBEAT_MS") ? atoi(getenv("DISAGG_HEARTBEAT_MS")) : 500; }
+static int hb_dead(void) { return getenv("DISAGG_DEAD_AFTER") ? atoi(getenv("DISAGG_DEAD_AFTER")) : 5; }
+
 /* Write the configuration: n_p prefill groups, n_d decode groups, on transport. */
 static void write_conf(cluster *cl, const char *transport, int lease_ms)
 {
@@ -111,8 +117,8 @@ static void write_conf(cluster *cl, const char *transport, int lease_ms)
     fprintf(f,
             "[model]\npath = %s\nkv_type = f16\n"
             "[daemon]\nclient_endpoint = %s\nworker_endpoint = ipc://%s/w%d.sock\n"
-            "heartbeat_ms = 500\ndead_after = 5\nlog_level = info\ntransfer_lease_ms = %d\n",
-            model, cl->endpoint, tmpdir, serial, lease_ms);
+            "heartbeat_ms = %d\ndead_after = %d\nlog_level = info\ntransfer_lease_ms = %d\n",
+            model, cl->endpoint, tmpdir, serial, hb_ms(), hb_dead(), lease_ms);
     for (int i = 0; i < cl->n_p + cl->n_d; i++) {
         int pre = i < cl->n_p;
         fprintf(f,
@@ -492,5 +498,6 @@ int main(void)
         cmocka_unit_test(test_mpi_1p1d),   cmocka_unit_test(test_mpi_2p2d),
         cmocka_unit_test(test_failures),   cmocka_unit_test(test_cut_transfer),
     };
+    if (getenv("DISAGG_FILTER")) cmocka_set_test_filter(getenv("DISAGG_FILTER")); /* e.g. test_tcp* */
     return cmocka_run_group_tests_name("disagg", tests, setup, teardown);
 }

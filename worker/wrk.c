@@ -1381,6 +1381,7 @@ static int on_assign(wrk_t *w, const json_t *body)
         }
         p->a = a; /* ownership moves */
         proto_assign_init(&a);
+        xfer_expect(w->xfer, xf); /* the source has sent it all: the lease runs from now */
         p->next = w->pend;
         w->pend = p;
         LOG_D(w, "decode rid %" PRId64 ": waiting for the rest of transfer %" PRId64, p->a.rid, xf);
@@ -1545,7 +1546,7 @@ static int on_reserve(wrk_t *w, const json_t *body)
     int cached = 0;
     int lease = r.lease_ms;
     xfer_status xs = xfer_reserve(w->xfer, r.xfer, (uint64_t)r.rid, r.tokens, r.n_tokens, src,
-                                  r.n_src, now_ms() + lease, &cached, why, sizeof why);
+                                  r.n_src, lease, &cached, why, sizeof why);
     free(src);
     if (xs != XFER_OK) {
         LOG_I(w, "%s", why);

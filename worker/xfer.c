@@ -490,7 +490,7 @@ void xfer_get_stats(const xfer_t *x, xfer_stats *out)
 /* ---- decode side -------------------------------------------------------------------------- */
 
 xfer_status xfer_reserve(xfer_t *x, int64_t id, uint64_t rid, const int32_t *ctx, int n,
-                         const xfer_peer *src, int n_src, int64_t deadline_ms, int *cached,
+                         const xfer_peer *src, int n_src, int lease_ms, int *cached,
                          char *err, size_t errlen)
 {
     if (!x || !ctx || n < 1 || !src || !cached || id < 1) {
@@ -513,8 +513,8 @@ xfer_status xfer_reserve(xfer_t *x, int64_t id, uint64_t rid, const int32_t *ctx
     t->seq = -1;
     t->n_tokens = n;
     t->t0 = mono_ms();
-    t->deadline = deadline_ms;
-    t->lease_ms = deadline_ms - (int64_t)t->t0;
+    t->deadline = INT64_MAX; /* until the first message lands or xfer_expect */
+    t->lease_ms = lease_ms > 0 ? lease_ms : 1;
     xfer_status rc = XFER_OK;
     int seq, c = 0;
     if (kv_seq_new(x->kv, &seq) != KV_OK) {
@@ -736,6 +736,13 @@ void xfer_ship(xfer_t *x, int64_t id, int seq, int layer, int n_tokens)
     }
 }
 
+void xfer_expect(xfer_t *x, int64_t id)
+{
+    xf *t = x ? find(x, id) : NULL;
+    if (!t || t->send || t->complete || t->deadline != INT64_MAX) return;
+    t->deadline = (int64_t)mono_ms() + t->lease_ms;
+}
+
 /* ---- both ------------------------------------------------------------------------------- */
 
 void xfer_release(xfer_t *x, int64_t id)
@@ -771,7 +778,12 @@ void xfer_poll(xfer_t *x, int64_t now)
                 t->done[s] = 1;
                 t->n_done++;
                 comm_op_free(x->comm, &t->ops[s]);
-                if (!t->send && land(x, t, s, got) != 0) failed = 1;
+                if (!t->send) {
+                    if (land(x, t, s, got) != 0)
+                        failed = 1;
+                    else
+                        t->deadline = now + t->lease_ms; /* progress restarts the clock */
+                }
             }
             if (failed) continue;
             const int all = t->send ? t->n_layers > 0 && t->layers_shipped == t->n_layers &&

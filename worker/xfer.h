@@ -16,10 +16,15 @@
  * Checksums: computed and checked unless the build defines NDEBUG; a mismatch fails the
  * transfer (never decode from KV that is not what left).
  *
- * Leases: every transfer has a deadline. A reception not complete by then (or, once
- * complete, not taken by the decode assign by then) is freed with an XFER_EV_EXPIRED
- * event; a send not complete by then is abandoned with XFER_EV_FAILED. Either way every
- * block and buffer it held is released.
+ * Leases: every transfer has a lease, and a transfer that outlives it is freed with all
+ * it held. A send must complete within lease_ms of its first layer shipped (else
+ * XFER_EV_FAILED). A reception's clock starts when its first message lands or when the
+ * source says it sent everything (xfer_expect: the decode assign came), and each message
+ * that lands restarts it: a reception that stops making progress for lease_ms is freed
+ * with XFER_EV_EXPIRED, and so is a complete one not taken within lease_ms. Before that,
+ * a reservation waits for its prefill however long the prefill group's queue is: duetd,
+ * which knows whether the request and the prefill worker are still alive, releases it
+ * otherwise (and the worker drops every transfer when it loses duetd).
  *
  * Fault injection (tests): with DUET_FAULT_DROP_LAYER=L in the environment, the sender
  * packs layer L but never sends it and counts it as sent, as a transfer cut on the wire
@@ -97,12 +102,15 @@ void xfer_set_comm(xfer_t *x, comm_t *comm);
 /* Reserve a transfer: a new KV sequence with the cached prefix of ctx[n] attached and
  * blocks for the rest (and for one more token), receives posted from the sources src[n_src]
  * (each source's heads that overlap this shard). *cached gets the prefix (a multiple of
- * block_tokens; the sender starts there). deadline_ms: monotonic ms (lease). A reservation
- * with nothing to receive (all cached) is complete at once. XFER_ERR_FULL without room
+ * block_tokens; the sender starts there). lease_ms: see Leases above. A reservation with
+ * nothing to receive (all cached) is complete at once. XFER_ERR_FULL without room
  * (nothing kept). */
 xfer_status xfer_reserve(xfer_t *x, int64_t xfer, uint64_t rid, const int32_t *ctx, int n,
-                         const xfer_peer *src, int n_src, int64_t deadline_ms, int *cached,
+                         const xfer_peer *src, int n_src, int lease_ms, int *cached,
                          char *err, size_t errlen);
+/* The source says every message of reception xfer is sent (the decode assign came): its
+ * lease clock starts now if no message started it. Unknown ids are ignored. */
+void xfer_expect(xfer_t *x, int64_t xfer);
 /* 1 when the reception of xfer is complete (all KV arrived), 0 when not (or unknown). */
 int xfer_received(const xfer_t *x, int64_t xfer);
 /* Hand a complete reception's KV sequence to the caller (who owns it from now on: give it
