@@ -380,13 +380,23 @@ void coord_req_retry(coord_t *c, creq *r, int avoid, const char *why)
     /* with no group ready it waits in the queue for one to come back (a worker declared
      * dead registers again at once when it was only slow); coord_worker_tick fails it
      * when none does within the grace time */
+    /* The new attempt gets a new rid: what a worker still sends about the old one (the
+     * `finished` cancelled that answers the detach's cancel, late `tokens` or `failed`)
+     * then finds no request, even when the retry lands on the same worker. */
+    const int64_t old_rid = r->rid;
+    cmap_del(&c->reqs, (uint64_t)r->rid, r);
+    r->rid = c->next_rid++;
+    if (cmap_put(&c->reqs, (uint64_t)r->rid, r) != 0) {
+        coord_req_fail(c, r, PROTO_ERR_INTERNAL, "%s; duetd ran out of memory retrying it", why);
+        return;
+    }
     r->retries++;
     c->st_retried++;
     r->avoid_group = avoid;
     r->group = -1;
     r->leader = NULL;
-    CINFO(c, "request %s (rid %lld) retried (%d of %d) after %d tokens: %s", r->id, (long long)r->rid,
-          r->retries, c->opts.max_retries, r->n_gen, why);
+    CINFO(c, "request %s (rid %lld, now %lld) retried (%d of %d) after %d tokens: %s", r->id,
+          (long long)old_rid, (long long)r->rid, r->retries, c->opts.max_retries, r->n_gen, why);
     coord_queue_push(c, r, 1);
 }
 
@@ -917,10 +927,19 @@ void coord_worker_tick(coord_t *c, double now)
         c->t_groups_down = 0;
     } else if (c->q_head && c->t_groups_down > 0) {
         double grace = 2.0 * c->cfg->daemon.dead_after * hb;
-        if (now - c->t_groups_down > grace)
+        if (now - c->t_groups_down > grace) {
+            int p = 0, d = 0; /* ready prefill and decode groups (no colocated one is) */
+            for (int i = 0; i < c->n_groups; i++) {
+                p += c->groups[i].ready && c->groups[i].role == PROTO_ROLE_PREFILL;
+                d += c->groups[i].ready && c->groups[i].role == PROTO_ROLE_DECODE;
+            }
+            const char *what = p && !d   ? "no decode group is up (every one is down)"
+                               : d && !p ? "no prefill group is up (every one is down)"
+                                         : "every worker group is down";
             while (c->q_head)
-                coord_req_fail(c, c->q_head, PROTO_ERR_WORKER_LOST,
-                               "every worker group is down and none came back within %.0f ms", grace);
+                coord_req_fail(c, c->q_head, PROTO_ERR_WORKER_LOST, "%s and none came back within %.0f ms",
+                               what, grace);
+        }
     }
 }
 

@@ -186,6 +186,9 @@ typedef struct {
     atomic_int mute_after;    /* >0: mute itself after emitting this many tokens */
     atomic_int fail_assign;   /* answer this many assigns with failed */
     int fail_retryable;       /* ... retryable or not */
+    atomic_int fail_running;  /* fail this many running sequences (retryable) after a token */
+    int64_t stale_rid;        /* the rid it failed: its `finished` cancelled goes out (late)
+                                 before the next assign is served */
     /* records (mu) */
     pthread_mutex_t mu;
     int reg;                  /* 0 waiting, 1 registered, -1 refused */
@@ -273,6 +276,13 @@ static void fw_handle(fw_t *f, void *s, proto_msg *msg)
             proto_assign_free(&a);
             break;
         }
+        if (f->stale_rid) { /* the old attempt's answer to a cancel, late: duetd drops it */
+            int64_t old = f->stale_rid;
+            f->stale_rid = 0;
+            pthread_mutex_unlock(&f->mu);
+            fw_finished(f, s, old, PROTO_FINISH_CANCELLED, 1);
+            pthread_mutex_lock(&f->mu);
+        }
         if (f->n_seqs < MAX_SEQS) {
             fseq *q = &f->seqs[f->n_seqs++];
             memset(q, 0, sizeof *q);
@@ -330,9 +340,16 @@ static void fw_step(fw_t *f, void *s)
         int n;
     } fin[MAX_SEQS];
     int n_fin = 0;
+    int64_t fail_rid = 0;
     pthread_mutex_lock(&f->mu);
     for (int i = 0; i < f->n_seqs; i++) {
         fseq *q = &f->seqs[i];
+        if (q->next >= 1 && atomic_load(&f->fail_running) > 0 && !fail_rid) {
+            atomic_fetch_sub(&f->fail_running, 1);
+            fail_rid = f->stale_rid = q->rid;
+            f->seqs[i--] = f->seqs[--f->n_seqs];
+            continue;
+        }
         int k = 0, ended = 0;
         proto_finish reason = PROTO_FINISH_LENGTH;
         ev[n_ev].rid = q->rid;
@@ -384,6 +401,15 @@ static void fw_step(fw_t *f, void *s)
         proto_send_body(s, NULL, PROTO_WORKER, PROTO_CMD_TOKENS, PROTO_T_TOKENS, &m, 0);
     }
     for (int i = 0; i < n_fin; i++) fw_finished(f, s, fin[i].rid, fin[i].reason, fin[i].n);
+    if (fail_rid) {
+        proto_failed m;
+        proto_failed_init(&m);
+        m.rid = fail_rid;
+        m.code = PROTO_ERR_INTERNAL;
+        m.message = "a step failed (test)";
+        m.retryable = 1;
+        fw_send(f, s, PROTO_CMD_FAILED, PROTO_T_FAILED, &m);
+    }
 }
 
 static void *fw_thread(void *arg)
@@ -1130,6 +1156,38 @@ static void test_worker_dies_retry(void **state)
     dd_stop(&d);
 }
 
+/* A retry that lands on the same worker gets a new rid: the old attempt's late `finished`
+ * (cancelled) cannot end the new one. */
+static void test_retry_same_worker_new_rid(void **state)
+{
+    (void)state;
+    dd_t d;
+    dd_start(&d, 1000, NULL, ONE_GROUP);
+    fw_t a;
+    fw_init(&a, &d, "w-a");
+    const char *text = "retry on the same worker";
+    script_chars(&a, d.tok, text);
+    atomic_store(&a.fail_running, 1);
+    assert_int_equal(fw_start(&a), 1);
+    void *cl = cl_open(&d);
+    cl_send(cl, "generate", "{\"id\":\"s1\",\"prompt\":\"x\",\"max_tokens\":%d,\"stream\":true}", (int)strlen(text));
+    result_t r;
+    collect(cl, "s1", &r, WAIT_MS);
+    assert_int_equal(r.end, PROTO_CMD_DONE);
+    assert_string_equal(jstr(r.last, "finish_reason"), "length");
+    assert_int_equal(jint(json_object_get(r.last, "usage"), "retries"), 1);
+    assert_string_equal(r.text, text);
+    result_free(&r);
+    pthread_mutex_lock(&a.mu);
+    assert_int_equal(a.n_assign, 2);
+    assert_true(a.assign_rid[1] != a.assign_rid[0]);
+    assert_int_equal(a.assign_ngen[1], 1);
+    pthread_mutex_unlock(&a.mu);
+    zmq_close(cl);
+    fw_stop(&a);
+    dd_stop(&d);
+}
+
 /* A worker whose connection closes: duetd sees it at once and moves its request. */
 static void test_worker_disconnects(void **state)
 {
@@ -1854,6 +1912,7 @@ int main(void)
         cmocka_unit_test(test_worker_dies_retry),
         cmocka_unit_test(test_worker_disconnects),
         cmocka_unit_test(test_worker_failed),
+        cmocka_unit_test(test_retry_same_worker_new_rid),
         cmocka_unit_test(test_queue_busy),
         cmocka_unit_test(test_queue_wait),
         cmocka_unit_test(test_limits),
