@@ -99,10 +99,17 @@ static int teardown(void **state)
     return tu_rmtree(tmpdir);
 }
 
-/* Heartbeats: every 500 ms, dead after 5 missed; DISAGG_HEARTBEAT_MS and DISAGG_DEAD_AFTER
+/* Sanitizer builds run several times slower: heartbeats, leases and waits scale. */
+#if defined(__SANITIZE_ADDRESS__)
+#define SLOW 4
+#else
+#define SLOW 1
+#endif
+
+/* Heartbeats: every 500 ms (x SLOW), dead after 5 missed; DISAGG_HEARTBEAT_MS and DISAGG_DEAD_AFTER
  * override them (short values make duetd declare busy workers dead: a stress test of the
  * failure paths). */
-static int hb_ms(void) { return getenv("DISAGG_HEARTBEAT_MS") ? atoi(getenv("DISAGG_HEARTBEAT_MS")) : 500; }
+static int hb_ms(void) { return getenv("DISAGG_HEARTBEAT_MS") ? atoi(getenv("DISAGG_HEARTBEAT_MS")) : 500 * SLOW; }
 static int hb_dead(void) { return getenv("DISAGG_DEAD_AFTER") ? atoi(getenv("DISAGG_DEAD_AFTER")) : 5; }
 
 /* Write the configuration: n_p prefill groups, n_d decode groups, on transport. */
@@ -118,7 +125,7 @@ static void write_conf(cluster *cl, const char *transport, int lease_ms)
             "[model]\npath = %s\nkv_type = f16\n"
             "[daemon]\nclient_endpoint = %s\nworker_endpoint = ipc://%s/w%d.sock\n"
             "heartbeat_ms = %d\ndead_after = %d\nlog_level = info\ntransfer_lease_ms = %d\n",
-            model, cl->endpoint, tmpdir, serial, hb_ms(), hb_dead(), lease_ms);
+            model, cl->endpoint, tmpdir, serial, hb_ms(), hb_dead(), lease_ms * SLOW);
     for (int i = 0; i < cl->n_p + cl->n_d; i++) {
         int pre = i < cl->n_p;
         fprintf(f,
@@ -135,7 +142,7 @@ static int wait_healthy(const cluster *cl, int want_workers)
     duet_client *c = NULL;
     if (duet_connect(cl->endpoint, NULL, &c, NULL) != DUET_OK) return -1;
     int ok = 0;
-    for (double t0 = tu_now_ms(); !ok && tu_now_ms() - t0 < 60000;) {
+    for (double t0 = tu_now_ms(); !ok && tu_now_ms() - t0 < 60000 * SLOW;) {
         duet_health_info hi;
         if (duet_health(c, 1000, &hi, NULL, NULL) == DUET_OK && hi.ok && hi.workers_alive >= want_workers)
             ok = 1;
@@ -211,7 +218,7 @@ static json_t *check_no_leaks(const cluster *cl, const char *what)
     int clean = 0;
     char why[256] = "";
     for (double t0 = tu_now_ms(); !clean && tu_now_ms() - t0 < 15000;) {
-        usleep(600000); /* a heartbeat brings fresh counts */
+        usleep(600000 * SLOW); /* a heartbeat brings fresh counts */
         json_decref(st);
         st = NULL;
         assert_int_equal(duet_status(c, 5000, &st, NULL), DUET_OK);
@@ -263,7 +270,7 @@ static void run_all_equal(const cluster *cl, const char *what)
     for (int i = 0; i < N_REQ; i++) {
         const duet_result *r = NULL;
         duet_error err;
-        if (duet_wait(req[i], 180000, &r, &err) != DUET_OK) {
+        if (duet_wait(req[i], 180000 * SLOW, &r, &err) != DUET_OK) {
             show_logs(cl);
             fail_msg("%s: request %d: %s", what, i, err.message);
         }
@@ -398,7 +405,7 @@ static void kill_and_check(cluster *cl, int victim, kill_when when, int long_pro
     for (int i = 0; i < N; i++) {
         const duet_result *r = NULL;
         duet_error err;
-        duet_code rc = duet_wait(req[i], 120000, &r, &err);
+        duet_code rc = duet_wait(req[i], 120000 * SLOW, &r, &err);
         if (rc == DUET_E_TIMEOUT) {
             show_logs(cl);
             fail_msg("%s: request %d hangs", what, i);
@@ -463,7 +470,7 @@ static void test_cut_transfer(void **state)
     for (int i = 0; i < N; i++) {
         const duet_result *r = NULL;
         duet_error err;
-        duet_code rc = duet_wait(req[i], 120000, &r, &err);
+        duet_code rc = duet_wait(req[i], 120000 * SLOW, &r, &err);
         if (rc == DUET_E_TIMEOUT) {
             show_logs(&cl);
             fail_msg("cut transfer: request %d hangs", i);
