@@ -250,6 +250,19 @@ static json_t *check_no_leaks(const cluster *cl, const char *what)
 }
 
 /* The 32 requests at once; each must equal duet generate's answer. */
+/* Workers that status shows dead (a crash, or silence past dead_after). */
+static int n_dead(const json_t *st)
+{
+    int dead = 0;
+    size_t i;
+    json_t *w;
+    json_array_foreach(json_object_get(st, "workers"), i, w) {
+        const char *state = json_string_value(json_object_get(w, "state"));
+        dead += state && strcmp(state, "dead") == 0;
+    }
+    return dead;
+}
+
 static void run_all_equal(const cluster *cl, const char *what)
 {
     duet_client *c = NULL;
@@ -305,6 +318,7 @@ static void run_all_equal(const cluster *cl, const char *what)
                      (long long)json_integer_value(json_object_get(g, "group")), ms, tail);
     }
     assert_int_equal(sent, done);
+    assert_int_equal(n_dead(st), 0);
     assert_int_equal(bytes, json_integer_value(json_object_get(tr, "bytes")));
     json_decref(st);
 }
@@ -493,6 +507,8 @@ static void test_cut_transfer(void **state)
            "transfers failed; no block held after\n", ok, retried, failed, (long long)xf);
     assert_true(xf > 0);
     assert_int_equal(ok + failed, N);
+    assert_int_equal(n_dead(s), 0); /* a cut transfer fails transfers, not workers */
+    assert_true(ok > 0);
     json_decref(s);
     stop(&cl);
 }

@@ -761,7 +761,8 @@ void xfer_poll(xfer_t *x, int64_t now)
         next = t->next;
         if (!t->complete && x->comm) {
             int failed = 0;
-            for (int s = 0; s < t->n_slots && !failed; s++) {
+            /* once failed, t is freed: test `failed` before touching t again */
+            for (int s = 0; !failed && s < t->n_slots; s++) {
                 if (!t->ops[s] || t->done[s]) continue;
                 int d = 0;
                 size_t got = 0;
