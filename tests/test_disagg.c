@@ -93,9 +93,33 @@ static int setup(void **state)
     return 0;
 }
 
+/* Processes of the running cluster: a failed test case leaves its cluster behind
+ * (fail_msg jumps out of it), so the next case's setup and the group's teardown stop
+ * whatever is still here. Children not yet reaped keep their pids. */
+static pid_t live[64];
+static int n_live;
+
+static void live_add(pid_t p)
+{
+    if (p > 0 && n_live < (int)(sizeof live / sizeof live[0])) live[n_live++] = p;
+}
+
+static void live_del(pid_t p)
+{
+    for (int i = 0; i < n_live; i++)
+        if (live[i] == p) live[i--] = live[--n_live];
+}
+
+static void live_stop_all(void)
+{
+    for (int i = 0; i < n_live; i++) (void)tu_stop(&live[i], 5000);
+    n_live = 0;
+}
+
 static int teardown(void **state)
 {
     (void)state;
+    live_stop_all();
     return tu_rmtree(tmpdir);
 }
 
@@ -157,6 +181,7 @@ static int wait_healthy(const cluster *cl, int want_workers)
  * index of a worker started with DUET_FAULT_DROP_LAYER=1, or -1. */
 static void start(cluster *cl, const char *transport, int n_p, int n_d, int lease_ms, int fault_worker)
 {
+    live_stop_all(); /* what a failed case left */
     memset(cl, 0, sizeof *cl);
     cl->duetd = cl->mpirun = -1;
     cl->n_p = n_p;
@@ -190,6 +215,9 @@ static void start(cluster *cl, const char *transport, int n_p, int n_d, int leas
             cl->n_workers++;
         }
     }
+    live_add(cl->duetd);
+    live_add(cl->mpirun);
+    for (int i = 0; i < cl->n_workers; i++) live_add(cl->workers[i]);
     if (wait_healthy(cl, n_p + n_d) != 0) {
         show_logs(cl);
         fail_msg("%s %d+%d: duetd did not become healthy with every worker within 60 s", transport, n_p, n_d);
@@ -202,6 +230,7 @@ static void stop(cluster *cl)
         if (cl->workers[i] > 0) tu_stop(&cl->workers[i], 15000);
     if (cl->mpirun > 0) tu_stop(&cl->mpirun, 15000); /* its exit status reflects signalled ranks */
     int rd = tu_stop(&cl->duetd, 15000);
+    n_live = 0; /* all stopped (the tests run one cluster at a time) */
     if (rd != 0) {
         show_logs(cl);
         fail_msg("duetd exited with %d", rd);
@@ -411,6 +440,7 @@ static void kill_and_check(cluster *cl, int victim, kill_when when, int long_pro
     } else {
         usleep(150000);
     }
+    live_del(cl->workers[victim]); /* reaped below */
     kill(cl->workers[victim], SIGKILL);
     int st;
     waitpid(cl->workers[victim], &st, 0);
