@@ -31,10 +31,8 @@
 #include <jansson.h>
 
 #include "client/libduet.h"
-#include "tests/support/gguf_write.h"
 #include "tests/support/testutil.h"
 
-#define DEFAULT_MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 #define N_REQ 32
 #define MAX_W 4
 
@@ -70,19 +68,7 @@ static int setup(void **state)
     (void)state;
     snprintf(build, sizeof build, "%s", getenv("BUILD") ? getenv("BUILD") : "build");
     if (tu_mkdtemp(tmpdir, sizeof tmpdir, "disagg") != 0) return -1;
-    if (access(DEFAULT_MODEL, R_OK) == 0) {
-        snprintf(model, sizeof model, "%s", DEFAULT_MODEL);
-    } else {
-        printf("[  NOTE    ] %s is missing (make model): using a tiny random model\n", DEFAULT_MODEL);
-        mkmodel_opts o;
-        mkmodel_defaults(&o);
-        o.type = DTYPE_Q8_0;
-        o.n_embd = 128;
-        o.n_ff = 256;
-        snprintf(model, sizeof model, "%s/tiny.gguf", tmpdir);
-        char err[256];
-        if (mkmodel_write(&o, model, err, sizeof err) != 0) return -1;
-    }
+    if (tu_serving_model(tmpdir, model, sizeof model) != 0) return -1;
     /* the reference answers, once */
     for (int i = 0; i < N_REQ; i++) {
         tu_mixed_prompt(prompts[i], sizeof prompts[i], i);

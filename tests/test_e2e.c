@@ -29,10 +29,8 @@
 #include <jansson.h>
 
 #include "client/libduet.h"
-#include "tests/support/gguf_write.h"
 #include "tests/support/testutil.h"
 
-#define DEFAULT_MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 #define N_REQ 32
 
 static char tmpdir[256], model[512], conf[512], endpoint[600], build[256];
@@ -46,19 +44,7 @@ static int setup(void **state)
     (void)state;
     snprintf(build, sizeof build, "%s", getenv("BUILD") ? getenv("BUILD") : "build");
     if (tu_mkdtemp(tmpdir, sizeof tmpdir, "e2e") != 0) return -1;
-    if (access(DEFAULT_MODEL, R_OK) == 0) {
-        snprintf(model, sizeof model, "%s", DEFAULT_MODEL);
-    } else {
-        printf("[  NOTE    ] %s is missing (make model): using a tiny random model\n", DEFAULT_MODEL);
-        mkmodel_opts o;
-        mkmodel_defaults(&o);
-        o.type = DTYPE_Q8_0;
-        o.n_embd = 128;
-        o.n_ff = 256;
-        snprintf(model, sizeof model, "%s/tiny.gguf", tmpdir);
-        char err[256];
-        if (mkmodel_write(&o, model, err, sizeof err) != 0) return -1;
-    }
+    if (tu_serving_model(tmpdir, model, sizeof model) != 0) return -1;
     snprintf(endpoint, sizeof endpoint, "ipc://%s/client.sock", tmpdir);
     snprintf(conf, sizeof conf, "%s/duet.conf", tmpdir);
     FILE *f = fopen(conf, "w");

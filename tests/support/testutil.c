@@ -43,6 +43,28 @@ int tu_tiny_model(const char *name, char *dir, size_t dircap, char *model, size_
     return 0;
 }
 
+int tu_serving_model(const char *dir, char *model, size_t cap)
+{
+    if (access(TU_DEFAULT_MODEL, R_OK) == 0) {
+        int n = snprintf(model, cap, "%s", TU_DEFAULT_MODEL);
+        return n < 0 || (size_t)n >= cap ? -1 : 0;
+    }
+    printf("[  NOTE    ] %s is missing (make model): using a tiny random model\n", TU_DEFAULT_MODEL);
+    mkmodel_opts o;
+    mkmodel_defaults(&o);
+    o.type = DTYPE_Q8_0;
+    o.n_embd = 128;
+    o.n_ff = 256;
+    int n = snprintf(model, cap, "%s/tiny.gguf", dir);
+    if (n < 0 || (size_t)n >= cap) return -1;
+    char err[256];
+    if (mkmodel_write(&o, model, err, sizeof err) != 0) {
+        fprintf(stderr, "mkmodel: %s\n", err);
+        return -1;
+    }
+    return 0;
+}
+
 int tu_generate_ids(const char *build, const char *model, const char *dir, const char *prompt,
                     int n, const char *extra, int32_t *ids, int cap)
 {

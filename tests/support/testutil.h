@@ -17,6 +17,11 @@ int tu_rmtree(const char *dir);
  * random model (llama, f32, mkmodel defaults, seed 11, 1024-token context), whose path
  * goes into model[modelcap]. 0, or -1 with a message on stderr. */
 int tu_tiny_model(const char *name, char *dir, size_t dircap, char *model, size_t modelcap);
+/* The end-to-end suites' model into model[cap]: the default model (TU_DEFAULT_MODEL) when
+ * `make model` fetched it, else a tiny random Q8_0 llama written into dir (with a printed
+ * note). 0, or -1 with a message on stderr. */
+#define TU_DEFAULT_MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+int tu_serving_model(const char *dir, char *model, size_t cap);
 /* The reference: `BUILD/bin/duet generate -m model` run on prompt (written to a file in
  * dir) with -n n and the extra options (e.g. "-t 2"), greedy; its generated token ids
  * into ids[cap]. Returns how many, or -1. */
