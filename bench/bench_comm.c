@@ -150,13 +150,13 @@ static void *side_main(void *p)
     return NULL;
 }
 
-/* GB/s of size-byte messages over tcp (bind: "tcp://127.0.0.1:0" or an ipc:// prefix), or
- * -1. */
-static double bench_tcp(const char *bind0, const char *bind1, size_t size, size_t total)
+/* Two tcp ranks of one world in this process (bind: "tcp://127.0.0.1:0" or an ipc://
+ * prefix) into c[2]. 0, or -1 with a message on stderr and nothing kept. */
+static int tcp_pair(const char *bind0, const char *bind1, comm_t *c[2])
 {
-    comm_t *c[2] = {NULL, NULL};
     char err[256];
     const char *binds[2] = {bind0, bind1};
+    c[0] = c[1] = NULL;
     for (int r = 0; r < 2; r++)
         if (comm_tcp_new(binds[r], NULL, &c[r], err, sizeof err) != COMM_OK) {
             fprintf(stderr, "bench_comm: %s\n", err);
@@ -164,12 +164,25 @@ static double bench_tcp(const char *bind0, const char *bind1, size_t size, size_
             return -1;
         }
     const char *eps[2] = {comm_tcp_endpoint(c[0]), comm_tcp_endpoint(c[1])};
+    if (comm_tcp_set_world(c[0], 0, 2, eps) != COMM_OK || comm_tcp_set_world(c[1], 1, 2, eps) != COMM_OK) {
+        fprintf(stderr, "bench_comm: set_world: %s\n", comm_last_error(c[0]));
+        comm_destroy(&c[0]);
+        comm_destroy(&c[1]);
+        return -1;
+    }
+    return 0;
+}
+
+/* GB/s of size-byte messages over tcp (bind: "tcp://127.0.0.1:0" or an ipc:// prefix), or
+ * -1. */
+static double bench_tcp(const char *bind0, const char *bind1, size_t size, size_t total)
+{
+    comm_t *c[2];
+    if (tcp_pair(bind0, bind1, c) != 0) return -1;
     double best = -1;
     const int window = window_of(size), iters = iters_of(size, total);
     unsigned char *sbuf = malloc(size), *rbuf = malloc(size * (size_t)window);
-    if (!sbuf || !rbuf || comm_tcp_set_world(c[0], 0, 2, eps) != COMM_OK ||
-        comm_tcp_set_world(c[1], 1, 2, eps) != COMM_OK)
-        goto out;
+    if (!sbuf || !rbuf) goto out;
     memset(sbuf, 3, size);
     memset(rbuf, 0, size * (size_t)window);
     for (int r = 0; r <= RUNS; r++) { /* run 0 warms up */
@@ -325,28 +338,17 @@ static void *kv_thread_main(void *p)
 /* KV transfer GB/s of layout l over tcp between two threads, or -1. */
 static double bench_kv_tcp(const char *bind0, const char *bind1, const kv_layout *l, int quick)
 {
-    comm_t *c[2] = {NULL, NULL};
-    char err[256];
-    const char *binds[2] = {bind0, bind1};
-    for (int r = 0; r < 2; r++)
-        if (comm_tcp_new(binds[r], NULL, &c[r], err, sizeof err) != COMM_OK) {
-            fprintf(stderr, "bench_comm: %s\n", err);
-            comm_destroy(&c[0]);
-            return -1;
-        }
-    const char *eps[2] = {comm_tcp_endpoint(c[0]), comm_tcp_endpoint(c[1])};
-    double gbs = -1;
-    if (comm_tcp_set_world(c[0], 0, 2, eps) == COMM_OK && comm_tcp_set_world(c[1], 1, 2, eps) == COMM_OK) {
-        pthread_barrier_t bar;
-        pthread_barrier_init(&bar, NULL, 2);
-        const int reps = kv_reps(l, quick);
-        kv_thread k[2] = {{c[0], 0, reps, l, &bar, 0}, {c[1], 1, reps, l, &bar, 0}};
-        pthread_t th[2];
-        for (int r = 0; r < 2; r++) pthread_create(&th[r], NULL, kv_thread_main, &k[r]);
-        for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
-        pthread_barrier_destroy(&bar);
-        gbs = k[0].gbs < 0 ? -1 : k[1].gbs;
-    }
+    comm_t *c[2];
+    if (tcp_pair(bind0, bind1, c) != 0) return -1;
+    pthread_barrier_t bar;
+    pthread_barrier_init(&bar, NULL, 2);
+    const int reps = kv_reps(l, quick);
+    kv_thread k[2] = {{c[0], 0, reps, l, &bar, 0}, {c[1], 1, reps, l, &bar, 0}};
+    pthread_t th[2];
+    for (int r = 0; r < 2; r++) pthread_create(&th[r], NULL, kv_thread_main, &k[r]);
+    for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
+    pthread_barrier_destroy(&bar);
+    const double gbs = k[0].gbs < 0 ? -1 : k[1].gbs;
     comm_destroy(&c[0]);
     comm_destroy(&c[1]);
     return gbs;
