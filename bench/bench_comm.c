@@ -22,6 +22,7 @@
  *   bench_comm quick    fewer bytes per size (a smoke test)
  *   bench_comm --mpi    the mpi side only (run under mpirun -np 2; prints "mpi SIZE GBPS") */
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -240,7 +241,10 @@ static int kv_reps(const kv_layout *l, int quick)
     return n < 3 ? 3 : n > 40 ? 40 : (int)n;
 }
 
-typedef void (*sync_fn)(void *user);
+/* A barrier of both sides that also says whether either side failed (failed: this side's
+ * state): nonzero when one did, so that a failure on one side never leaves the other
+ * waiting at the next barrier. */
+typedef int (*sync_fn)(void *user, int failed);
 
 static double wall_ms(void) { return now() * 1e3; }
 
@@ -258,55 +262,57 @@ static double kv_side(comm_t *c, int rank, const kv_layout *l, int reps, sync_fn
     int32_t *ctx = malloc((size_t)l->n_tokens * sizeof *ctx);
     double best = rank == 1 ? -1 : 0;
     char err[256] = "";
-    if (!ctx || kv_new(&kc, &kv) != KV_OK || xfer_new(kv, &x) != XFER_OK) {
+    if (!ctx || kv_new(&kc, &kv) != KV_OK || xfer_new(kv, &x) != XFER_OK)
         snprintf(err, sizeof err, "out of memory for a %s pool", l->name);
-        goto out;
-    }
-    xfer_set_comm(x, c);
+    else
+        xfer_set_comm(x, c);
     const xfer_peer peer = {.rank = 1 - rank, .head0 = 0, .n_heads = l->n_kv_heads};
-    for (int r = 0; r <= reps && !err[0]; r++) { /* r == 0 warms up */
+    for (int r = 0; r <= reps; r++) { /* r == 0 warms up */
         const int64_t id = r + 1;
         for (int i = 0; i < l->n_tokens; i++) ctx[i] = 1000 + (i * 31 + r * 7919) % 30000; /* no prefix hits */
         int seq = -1, cached = 0, n_tok = 0;
-        if (rank == 1) {
-            if (xfer_reserve(x, id, (uint64_t)id, ctx, l->n_tokens, &peer, 1, WAIT_MS,
-                             &cached, err, sizeof err) != XFER_OK)
-                break;
-        } else {
-            if (kv_seq_new(kv, &seq) != KV_OK || kv_seq_append(kv, seq, ctx, l->n_tokens) != KV_OK ||
-                xfer_send_begin(x, id, (uint64_t)id, &peer, 1, 0, WAIT_MS, err, sizeof err) != XFER_OK) {
-                if (!err[0]) snprintf(err, sizeof err, "no KV sequence of %d tokens", l->n_tokens);
-                break;
-            }
+        if (!err[0] && rank == 1)
+            (void)xfer_reserve(x, id, (uint64_t)id, ctx, l->n_tokens, &peer, 1, WAIT_MS, &cached, err,
+                               sizeof err);
+        else if (!err[0] && (kv_seq_new(kv, &seq) != KV_OK || kv_seq_append(kv, seq, ctx, l->n_tokens) != KV_OK))
+            snprintf(err, sizeof err, "no KV sequence of %d tokens", l->n_tokens);
+        else if (!err[0])
+            (void)xfer_send_begin(x, id, (uint64_t)id, &peer, 1, 0, WAIT_MS, err, sizeof err);
+        if (sync(user, err[0] != 0)) {
+            if (!err[0]) snprintf(err, sizeof err, "the other side failed");
+            if (seq >= 0) kv_seq_free(kv, seq);
+            break;
         }
-        sync(user);
         const double t0 = wall_ms();
         if (rank == 0)
             for (int layer = 0; layer < l->n_layers; layer++) xfer_ship(x, id, seq, layer, l->n_tokens);
+        size_t got = 0; /* payload bytes moved */
         for (int done = 0; !done && !err[0];) {
             xfer_poll(x, (int64_t)wall_ms());
             xfer_event ev;
             while (xfer_next_event(x, &ev)) {
-                if (ev.type == XFER_EV_RECEIVED || ev.type == XFER_EV_SENT)
+                if (ev.type == XFER_EV_RECEIVED || ev.type == XFER_EV_SENT) {
                     done = 1;
-                else
+                    got = ev.bytes;
+                } else
                     snprintf(err, sizeof err, "transfer %lld: %s", (long long)ev.xfer, ev.msg);
             }
         }
         const double ms = wall_ms() - t0;
-        if (err[0]) break;
+        if (err[0]) { /* the lease (WAIT_MS) ends the other side's wait too */
+            if (seq >= 0) kv_seq_free(kv, seq);
+            break;
+        }
         if (rank == 1) {
             if (xfer_take(x, id, &seq, &n_tok) != XFER_OK || n_tok != l->n_tokens) {
                 snprintf(err, sizeof err, "transfer %lld: not taken", (long long)id);
                 break;
             }
-            const size_t bytes = (size_t)l->n_layers * (kv_msg_bytes(l) - sizeof(kv_pack_header) - sizeof(uint64_t));
-            const double gbs = (double)bytes / (ms * 1e6);
+            const double gbs = (double)got / (ms * 1e6);
             if (r && gbs > best) best = gbs;
         }
         kv_seq_free(kv, seq);
     }
-out:
     if (err[0]) {
         fprintf(stderr, "bench_comm: %s, rank %d: %s\n", l->name, rank, err);
         best = -1;
@@ -319,14 +325,25 @@ out:
 }
 
 typedef struct {
+    pthread_barrier_t bar;
+    atomic_int failed;
+} kv_bar;
+
+typedef struct {
     comm_t *c;
     int rank, reps;
     const kv_layout *l;
-    pthread_barrier_t *bar;
+    kv_bar *bar;
     double gbs;
 } kv_thread;
 
-static void bar_sync(void *user) { pthread_barrier_wait(user); }
+static int bar_sync(void *user, int failed)
+{
+    kv_bar *b = user;
+    if (failed) atomic_store(&b->failed, 1);
+    pthread_barrier_wait(&b->bar);
+    return atomic_load(&b->failed);
+}
 
 static void *kv_thread_main(void *p)
 {
@@ -340,14 +357,15 @@ static double bench_kv_tcp(const char *bind0, const char *bind1, const kv_layout
 {
     comm_t *c[2];
     if (tcp_pair(bind0, bind1, c) != 0) return -1;
-    pthread_barrier_t bar;
-    pthread_barrier_init(&bar, NULL, 2);
+    kv_bar bar;
+    pthread_barrier_init(&bar.bar, NULL, 2);
+    atomic_init(&bar.failed, 0);
     const int reps = kv_reps(l, quick);
     kv_thread k[2] = {{c[0], 0, reps, l, &bar, 0}, {c[1], 1, reps, l, &bar, 0}};
     pthread_t th[2];
     for (int r = 0; r < 2; r++) pthread_create(&th[r], NULL, kv_thread_main, &k[r]);
     for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
-    pthread_barrier_destroy(&bar);
+    pthread_barrier_destroy(&bar.bar);
     const double gbs = k[0].gbs < 0 ? -1 : k[1].gbs;
     comm_destroy(&c[0]);
     comm_destroy(&c[1]);
@@ -362,10 +380,10 @@ static size_t kv_raw_total(const kv_layout *l, int quick)
 
 /* ---- mpi ----------------------------------------------------------------------------------------- */
 
-static void mpi_sync(void *user)
+static int mpi_sync(void *user, int failed)
 {
-    float v = 0;
-    (void)comm_allreduce_sum_f32(user, &v, 1, WAIT_MS);
+    float v = failed ? 1.0f : 0.0f;
+    return comm_allreduce_sum_f32(user, &v, 1, WAIT_MS) != COMM_OK || v > 0;
 }
 
 /* Under mpirun -np 2: print "mpi SIZE GBPS" per size (rank 0), then "mpikv LAYOUT KV RAW" per
